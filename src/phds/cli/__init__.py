@@ -1,0 +1,46 @@
+"""The `phds` command line: one typer app, one module per command, each a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import typer
+
+app = typer.Typer(
+    name="phds",
+    help="Post Hoc Declared Sparsity: train, measure and serve one MoE checkpoint whose top-k is dialled at "
+    "inference time.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+
+
+@app.callback()
+def _root() -> None:
+    """Post Hoc Declared Sparsity: one MoE checkpoint, any declared top-k at inference time."""
+
+
+# Each module registers its command(s) on `app` when imported. A module that is missing (a later issue's command
+# not written yet) is simply absent from `phds --help`.
+COMMAND_MODULES = ("info", "train", "evaluate", "bench", "serve", "export", "demo")
+
+
+def _register_commands() -> None:
+    for name in COMMAND_MODULES:
+        try:
+            importlib.import_module(f"phds.cli.{name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"phds.cli.{name}":
+                raise
+
+
+_register_commands()
+
+
+def main() -> None:
+    """Entry point of the `phds` console script."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app()

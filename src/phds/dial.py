@@ -1,0 +1,468 @@
+"""The k dial: how many experts each token uses, changed on an already loaded transformers MoE model.
+
+This is the only module that knows router internals. Routers are found by what they are -- a module holding an
+integer `top_k` and a 2-D `weight` of one row per expert, next to a module of stacked experts -- not by a list of
+class names, so every transformers MoE family built that way can be dialled.
+
+How a k is applied:
+- an int `k` in every layer: the router's own `top_k` is set to `k`; transformers' code then does everything
+  (renormalisation, scaling, the experts implementation) exactly as a model built with `num_experts_per_tok=k`;
+- a per-row `(B,)` or per-token `(B, S)` LongTensor, an epsilon for dropped experts, or a renormalisation
+  override: the router runs at `k_max` and a forward hook drops, per token, the slots beyond that token's k
+  (`phds.routing.keep_top_slots`).
+
+The dial's state lives on the router modules (`_phds_*` attributes) and is restored by `sparsity()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import numbers
+import re
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from phds.routing import expand_k_per_token, keep_top_slots
+
+logger = logging.getLogger(__name__)
+
+KSpec = int | Mapping[int, int] | torch.Tensor
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|block)\.(\d+)(?:\.|$)")
+
+
+class NotAnMoEError(ValueError, TypeError):
+    """The model has no MoE layer that the dial can find (a dense model, or an MoE family built another way)."""
+
+
+@dataclass(frozen=True)
+class MoELayer:
+    """One MoE layer of a model, as the dial sees it.
+
+    Attributes:
+        index: decoder layer index (the `N` in `model.layers.N`).
+        name: module path of the MoE block.
+        block: the MoE block module (router + experts + shared experts).
+        router: the top-k router module.
+        experts: the stacked routed experts module.
+        num_experts: number of routed experts.
+        k_pre: the pretrained top-k (`config.num_experts_per_tok` when the model was loaded).
+        renormalizes: whether the router rescales its top-k weights to a fixed sum (Mixtral, GPT-OSS, Qwen3-MoE,
+            DeepSeek-V3 with `norm_topk_prob`); OLMoE and Qwen1.5-MoE do not.
+        shared_experts: always-on experts of the block (Qwen2-MoE's `shared_expert`, DeepSeek's `shared_experts`).
+    """
+
+    index: int
+    name: str
+    block: nn.Module
+    router: nn.Module
+    experts: nn.Module
+    num_experts: int
+    k_pre: int
+    renormalizes: bool
+    shared_experts: tuple[nn.Module, ...]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one router does: `k` experts per token (int or per-row/per-token tensor), dropped-slot epsilon,
+    and an optional renormalisation override (None follows the router)."""
+
+    k: int | torch.Tensor
+    epsilon: float = 0.0
+    renormalize: bool | None = None
+
+
+# ----------------------------------------------------------------------------- discovery
+
+
+def _is_router(module: nn.Module) -> bool:
+    top_k = getattr(module, "top_k", None)
+    weight = getattr(module, "weight", None)
+    return (
+        isinstance(top_k, int)
+        and not isinstance(top_k, bool)
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+        and not isinstance(module, (nn.Linear, nn.Embedding))
+    )
+
+
+def _stacked_experts(block: nn.Module, router: nn.Module) -> nn.Module | None:
+    for name, child in block.named_children():
+        if child is router or "shared" in name:
+            continue
+        if any(p.dim() == 3 for p in child.parameters(recurse=False)):
+            return child
+    return None
+
+
+def _output_positions(router: nn.Module, num_experts: int) -> tuple[int, int, int]:
+    """Positions of (logits, weights, indices) in the router's output tuple, read off one probe forward."""
+    weight = router.weight
+    probe = torch.randn(4, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    with torch.no_grad():
+        out = router(probe)
+    if not isinstance(out, tuple):
+        raise NotAnMoEError(
+            f"router {type(router).__name__} returns {type(out).__name__}, not a (logits, weights, indices) tuple; "
+            "this MoE family cannot be dialled"
+        )
+    tensors = [(i, t) for i, t in enumerate(out) if isinstance(t, torch.Tensor)]
+    indices = [i for i, t in tensors if not t.is_floating_point() and t.shape[-1] == router.top_k]
+    logits = [i for i, t in tensors if t.is_floating_point() and t.shape[-1] == num_experts]
+    weights = [
+        i for i, t in tensors if t.is_floating_point() and i not in logits and indices and t.shape == out[indices[0]].shape
+    ]
+    if not (indices and logits and weights):
+        raise NotAnMoEError(
+            f"router {type(router).__name__} does not return router logits, top-k weights and top-k indices; "
+            "this MoE family cannot be dialled"
+        )
+    return logits[0], weights[0], indices[0]
+
+
+def _probe_renormalizes(router: nn.Module, weights_pos: int) -> bool:
+    """Does the router give its top-k weights a fixed sum? Asked of the router itself at k=1 and k=2."""
+    weight = router.weight
+    probe = torch.randn(32, weight.shape[1], generator=torch.Generator().manual_seed(1)).to(weight.device, weight.dtype)
+    saved = router.top_k
+    sums = []
+    try:
+        with torch.no_grad():
+            for k in (1, 2):
+                router.top_k = k
+                sums.append(router(probe)[weights_pos].float().sum(-1))
+    finally:
+        router.top_k = saved
+    first = sums[0][0]
+    return all(torch.allclose(s, first.expand_as(s), rtol=1e-4, atol=1e-5) for s in sums)
+
+
+def _register(router: nn.Module, num_experts: int) -> None:
+    """First touch of a router: remember its pretrained k, its output layout and install the (idle) hook."""
+    if getattr(router, "_phds_k_pre", None) is not None:
+        return
+    positions = _output_positions(router, num_experts)
+    if hasattr(router, "norm_topk_prob"):
+        renormalizes = bool(router.norm_topk_prob)
+    else:
+        renormalizes = _probe_renormalizes(router, positions[1])
+    router._phds_k_pre = router.top_k
+    router._phds_positions = positions
+    router._phds_renormalizes = renormalizes
+    router._phds_plan = _Plan(k=router.top_k)
+    router.register_forward_hook(_drop_slots_hook)
+
+
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    """The MoE layers of `model`, in layer order.
+
+    Args:
+        model: any transformers model (or submodule) whose MoE blocks hold a top-k router and stacked experts.
+
+    Raises:
+        NotAnMoEError (a ValueError): the model has no MoE layer the dial can find.
+
+    Example: `[(l.index, l.num_experts, l.k_pre) for l in phds.moe_layers(model)]`.
+    """
+    modules = dict(model.named_modules())
+    layers: list[MoELayer] = []
+    for name, module in modules.items():
+        if not name or not _is_router(module):
+            continue
+        parent_name = name.rpartition(".")[0]
+        block = modules.get(parent_name)
+        experts = _stacked_experts(block, module) if block is not None else None
+        if experts is None:
+            continue
+        num_experts = int(getattr(module, "num_experts", module.weight.shape[0]))
+        _register(module, num_experts)
+        match = _LAYER_INDEX.search(name)
+        shared = tuple(
+            child for child_name, child in block.named_children() if "shared" in child_name and not child_name.endswith("gate")
+        )
+        layers.append(
+            MoELayer(
+                index=int(match.group(1)) if match else len(layers),
+                name=parent_name,
+                block=block,
+                router=module,
+                experts=experts,
+                num_experts=num_experts,
+                k_pre=module._phds_k_pre,
+                renormalizes=module._phds_renormalizes,
+                shared_experts=shared,
+            )
+        )
+    if not layers:
+        config = getattr(model, "config", None)
+        if config is not None and getattr(config, "num_experts_per_tok", None) is not None:
+            raise NotAnMoEError(
+                f"{type(model).__name__} declares num_experts_per_tok={config.num_experts_per_tok} but has no router "
+                "module with an integer `top_k` next to stacked experts; this MoE family cannot be dialled"
+            )
+        raise NotAnMoEError(f"{type(model).__name__} has no MoE layers: nothing to dial")
+    return layers
+
+
+# ----------------------------------------------------------------------------- the hook
+
+
+def _selection_score(router: nn.Module, logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The score each chosen slot was picked by, gathered at the chosen slots (T, K)."""
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    indices = indices.reshape(-1, indices.shape[-1])
+    bias = getattr(router, "e_score_correction_bias", None)
+    if isinstance(bias, torch.Tensor):
+        # DeepSeek-V3 style: experts are chosen by sigmoid(logits) + bias, weighted by sigmoid(logits) alone.
+        return (logits.sigmoid() + bias.float()).gather(-1, indices)
+    return logits.gather(-1, indices)  # softmax / sigmoid / logit routers are all monotone in the logits
+
+
+def _drop_slots_hook(router: nn.Module, args: tuple, output: tuple) -> tuple | None:
+    plan: _Plan = router._phds_plan
+    if _is_native(plan, router._phds_renormalizes):
+        return None
+    logits_pos, weights_pos, indices_pos = router._phds_positions
+    weights, indices = output[weights_pos], output[indices_pos]
+    num_tokens = indices.reshape(-1, indices.shape[-1]).shape[0]
+    if isinstance(plan.k, torch.Tensor):
+        k_T = expand_k_per_token(plan.k.to(indices.device), num_tokens)
+    else:
+        k_T = torch.full((num_tokens,), plan.k, device=indices.device)
+    renormalize = router._phds_renormalizes if plan.renormalize is None else plan.renormalize
+    new_weights = keep_top_slots(
+        weights.reshape(-1, weights.shape[-1]),
+        _selection_score(router, output[logits_pos], indices),
+        k_T,
+        renormalize=renormalize,
+        epsilon=plan.epsilon,
+    )
+    output = list(output)
+    output[weights_pos] = new_weights.to(weights.dtype).reshape(weights.shape)
+    return tuple(output)
+
+
+def _is_native(plan: _Plan, renormalizes: bool) -> bool:
+    """True when setting the router's own top_k reproduces the plan exactly (the fast, hook-free path)."""
+    return (
+        isinstance(plan.k, int)
+        and plan.epsilon == 0.0
+        and (plan.renormalize is None or plan.renormalize == renormalizes)
+    )
+
+
+def _routed_k(plan: _Plan, k_pre: int, renormalizes: bool) -> int:
+    """How many slots the router itself must pick for the hook to carve `plan` out of them."""
+    if _is_native(plan, renormalizes):
+        return plan.k
+    k_max = int(plan.k.max()) if isinstance(plan.k, torch.Tensor) else plan.k
+    if plan.epsilon or plan.renormalize is not None:
+        return max(k_max, k_pre)  # dropped experts keep an epsilon weight / the k_pre mass: route at k_pre
+    return k_max
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_int(k: object, what: str, layers: list[MoELayer]) -> int:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise ValueError(f"`k` must be an integer number of experts per token, got {what}={k!r}")
+    k = int(k)
+    max_experts = min(layer.num_experts for layer in layers)
+    if not 1 <= k <= max_experts:
+        raise ValueError(f"`k` must be between 1 and the number of experts ({max_experts}), got {what}={k}")
+    return k
+
+
+def _check_tensor(k: torch.Tensor, layers: list[MoELayer]) -> torch.Tensor:
+    if k.dtype.is_floating_point or k.dtype.is_complex or k.dtype == torch.bool:
+        raise ValueError(f"a tensor `k` must be an integer (Long) tensor, got dtype {k.dtype}")
+    if k.dim() not in (1, 2) or k.numel() == 0:
+        raise ValueError(
+            f"a tensor `k` must have shape (batch,) for a k per row or (batch, seq) for a k per token, "
+            f"got shape {tuple(k.shape)}"
+        )
+    max_experts = min(layer.num_experts for layer in layers)
+    low, high = int(k.min()), int(k.max())
+    if low < 1 or high > max_experts:
+        raise ValueError(
+            f"every k in a tensor `k` must be between 1 and the number of experts ({max_experts}), "
+            f"got values from {low} to {high}"
+        )
+    return k.to(torch.long)
+
+
+def _plans_for(
+    layers: list[MoELayer], k: KSpec, epsilon: float, renormalize: bool | None
+) -> dict[int, _Plan]:
+    """Validate `k` completely and return the new plan of every layer; touches nothing."""
+    if not isinstance(epsilon, (int, float)) or isinstance(epsilon, bool) or not 0.0 <= epsilon < 1.0:
+        raise ValueError(f"`epsilon` must be a float in [0, 1), got {epsilon!r}")
+    current = {id(layer.router): layer.router._phds_plan for layer in layers}
+    if isinstance(k, torch.Tensor):
+        k = _check_tensor(k, layers)
+        return {id(layer.router): _Plan(k, float(epsilon), renormalize) for layer in layers}
+    if isinstance(k, Mapping):
+        by_index = {layer.index: layer for layer in layers}
+        unknown = sorted(set(k) - set(by_index), key=str)
+        if unknown:
+            raise ValueError(f"per-layer `k` names layers {unknown} that are not MoE layers; MoE layers are {sorted(by_index)}")
+        plans = {}
+        for layer in layers:
+            old = current[id(layer.router)]
+            if isinstance(old.k, torch.Tensor) and layer.index not in k:
+                raise ValueError(
+                    f"layer {layer.index} has a per-row/per-token k; give every layer an int k when switching to a dict"
+                )
+            value = _check_int(k[layer.index], f"k[{layer.index}]", [layer]) if layer.index in k else old.k
+            plans[id(layer.router)] = _Plan(value, float(epsilon), renormalize)
+        return plans
+    value = _check_int(k, "k", layers)
+    return {id(layer.router): _Plan(value, float(epsilon), renormalize) for layer in layers}
+
+
+# ----------------------------------------------------------------------------- the API
+
+
+def _apply(model: nn.Module, layers: list[MoELayer], plans: dict[int, _Plan]) -> None:
+    for layer in layers:
+        plan = plans[id(layer.router)]
+        layer.router._phds_plan = plan
+        layer.router.top_k = _routed_k(plan, layer.k_pre, layer.renormalizes)
+        if isinstance(getattr(layer.block, "top_k", None), int):
+            layer.block.top_k = layer.router.top_k  # Mixtral's block keeps a copy
+    _sync_config(model, layers)
+
+
+def _sync_config(model: nn.Module, layers: list[MoELayer]) -> None:
+    """Keep `num_experts_per_tok` (config and any copy on a module) equal to the routed k, so the load-balancing
+    loss and anything else reading it sees the dialled k. Per-layer ks differ: the largest is written."""
+    routed = max(layer.router.top_k for layer in layers)
+    configs = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "num_experts_per_tok"):
+            configs[id(config)] = config
+        text_config = getattr(config, "text_config", None) if config is not None else None
+        if text_config is not None and hasattr(text_config, "num_experts_per_tok"):
+            configs[id(text_config)] = text_config
+        if isinstance(module.__dict__.get("num_experts_per_tok"), int):
+            module.num_experts_per_tok = routed
+    for config in configs.values():
+        config.num_experts_per_tok = routed
+
+
+def set_k(model: nn.Module, k: KSpec, *, epsilon: float = 0.0, renormalize: bool | None = None) -> None:
+    """Dial how many experts each token uses.
+
+    Args:
+        model: a loaded transformers MoE model.
+        k: an int (same k in every MoE layer), a dict `{layer_index: int}` (per layer; layers not named keep
+            their k), or a LongTensor `(batch,)` (k per row) / `(batch, seq)` (k per token).
+        epsilon: weight for dropped experts instead of 0 (they are then computed, as the paper's faithful
+            reproduction does); 0 drops them.
+        renormalize: override whether the kept top-k weights are rescaled to the full top-k mass; None follows the
+            model's router.
+
+    Raises:
+        ValueError: bad k (named in the message); the model is left exactly as it was.
+
+    Example: `phds.set_k(model, 2)`.
+    """
+    layers = moe_layers(model)
+    plans = _plans_for(layers, k, epsilon, renormalize)
+    _warn_above_k_pre(model, layers, plans)
+    _apply(model, layers, plans)
+
+
+def _warn_above_k_pre(model: nn.Module, layers: list[MoELayer], plans: dict[int, _Plan]) -> None:
+    if getattr(model, "_phds_warned_above_k_pre", False):
+        return
+    for layer in layers:
+        plan_k = plans[id(layer.router)].k
+        k_max = int(plan_k.max()) if isinstance(plan_k, torch.Tensor) else plan_k
+        if k_max > layer.k_pre:
+            warnings.warn(
+                f"k={k_max} is above the pretrained k_pre={layer.k_pre}: a valid operating point, but the model was "
+                "never trained to use that many experts per token",
+                UserWarning,
+                stacklevel=3,
+            )
+            model._phds_warned_above_k_pre = True
+            return
+
+
+def get_k(model: nn.Module) -> int | dict[int, int] | torch.Tensor:
+    """The current k: an int when every layer uses the same k, a `{layer_index: k}` dict when they differ, the
+    tensor when a per-row/per-token k is set.
+
+    Example: `phds.get_k(model)  # -> 8 on a freshly loaded OLMoE`.
+    """
+    layers = moe_layers(model)
+    plans = [layer.router._phds_plan for layer in layers]
+    for plan in plans:
+        if isinstance(plan.k, torch.Tensor):
+            return plan.k
+    ks = {layer.index: plan.k for layer, plan in zip(layers, plans)}
+    values = set(ks.values())
+    return values.pop() if len(values) == 1 else ks
+
+
+@contextlib.contextmanager
+def sparsity(
+    model: nn.Module, k: KSpec, *, epsilon: float = 0.0, renormalize: bool | None = None
+) -> Iterator[nn.Module]:
+    """Run a block at `k` and restore the previous setting on exit, also when the block raises.
+
+    Example: `with phds.sparsity(model, 2): model.generate(**inputs)`.
+    """
+    layers = moe_layers(model)
+    saved = {id(layer.router): layer.router._phds_plan for layer in layers}
+    set_k(model, k, epsilon=epsilon, renormalize=renormalize)
+    try:
+        yield model
+    finally:
+        _apply(model, layers, saved)
+
+
+def k_pre(model: nn.Module) -> int:
+    """The pretrained k of the model (the largest over layers).
+
+    Example: `phds.dial.k_pre(model)  # -> 8 for OLMoE-1B-7B`.
+    """
+    return max(layer.k_pre for layer in moe_layers(model))
+
+
+def num_experts(model: nn.Module) -> int:
+    """Number of routed experts per MoE layer (the smallest over layers).
+
+    Example: `phds.dial.num_experts(model)  # -> 64 for OLMoE-1B-7B`.
+    """
+    return min(layer.num_experts for layer in moe_layers(model))
+
+
+def active_parameters(model: nn.Module, k: int) -> int:
+    """Parameters one token touches at `k`: everything except the routed experts it does not use.
+
+    Example: `phds.dial.active_parameters(model, 2)`.
+    """
+    layers = moe_layers(model)
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    for layer in layers:
+        per_expert = sum(p.numel() for p in layer.experts.parameters()) // layer.num_experts
+        inactive += per_expert * (layer.num_experts - min(k, layer.num_experts))
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = head is not None and embeddings is not None and head.weight is embeddings.weight
+    if embeddings is not None and not tied:
+        # A token reads one row of the input embedding, not the whole table.
+        inactive += embeddings.weight.numel() - embeddings.weight.shape[1]
+    return total - inactive

@@ -1,0 +1,151 @@
+"""Load and save PHDS checkpoints: a plain HF checkpoint (safetensors) plus the `phds.json` sidecar."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+
+from phds import dial
+from phds.sidecar import Sidecar, read_sidecar, write_sidecar
+from phds.tiny import FAMILIES, tiny_model, tiny_tokenizer
+
+logger = logging.getLogger(__name__)
+
+TINY_PREFIX = "tiny:"
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else CPU.
+
+    Example: `phds.loading.default_device()`.
+    """
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _resolve_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"`dtype` must be 'auto' or one of {sorted(names)}, got {dtype!r}")
+    return names[dtype]
+
+
+def load(
+    name_or_path: str | os.PathLike,
+    *,
+    k: int | None = None,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device | None = None,
+    tokenizer: bool = True,
+    experts_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    local_files_only: bool | None = None,
+):
+    """Load an MoE model and its tokenizer, dialled to the checkpoint's default k.
+
+    Args:
+        name_or_path: a local checkpoint directory, a hub name, or `tiny:<family>` for the built-in tiny random
+            model (`tiny:olmoe`, `tiny:mixtral`, ...).
+        k: dial to this k instead of the default (the sidecar's `default_k`, else the pretrained `k_pre`).
+        dtype: "auto" (the checkpoint's), "float32", "bfloat16", "float16" or a torch dtype.
+        device: defaults to CUDA when present, else CPU.
+        tokenizer: also load the tokenizer (None is returned when the checkpoint has none).
+        experts_implementation: a transformers experts implementation ("eager", "grouped_mm", "batched_mm", ...).
+        trust_remote_code: never on unless asked; only transformers' own modelling code runs by default.
+        local_files_only: forwarded to `from_pretrained` (defaults to True for a local directory).
+
+    Returns:
+        `(model, tokenizer)`; the sidecar, if any, is `phds.loading.sidecar_of(model)`.
+
+    Example: `model, tok = phds.load("allenai/OLMoE-1B-7B-0125", dtype="bfloat16")`.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    name = str(name_or_path)
+    if name.startswith(TINY_PREFIX):
+        arch = name[len(TINY_PREFIX):]
+        if arch not in FAMILIES:
+            raise ValueError(f"unknown tiny model {name!r}; choose one of {[TINY_PREFIX + f for f in FAMILIES]}")
+        model = tiny_model(arch, dtype=torch.float32 if dtype == "auto" else _resolve_dtype(dtype))
+        if experts_implementation is not None:
+            model.set_experts_implementation(experts_implementation)
+        model.to(device)
+        sidecar = None
+        tok = tiny_tokenizer() if tokenizer else None
+    else:
+        path = Path(name)
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"`name_or_path` must be a checkpoint directory or a hub name, got the file {name}")
+        if local_files_only is None:
+            local_files_only = path.is_dir()
+        kwargs = dict(local_files_only=local_files_only, trust_remote_code=trust_remote_code)
+        if experts_implementation is not None:
+            kwargs["experts_implementation"] = experts_implementation
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            name, dtype=_resolve_dtype(dtype), use_safetensors=True, **kwargs
+        )
+        model.to(device).eval()
+        sidecar = read_sidecar(path) if path.is_dir() else None
+        tok = _load_tokenizer(name, **kwargs) if tokenizer else None
+    model._phds_sidecar = sidecar
+    dial.moe_layers(model)  # registers k_pre before anything is dialled; raises for a dense model
+    target = k if k is not None else (sidecar.default_k if sidecar is not None else None)
+    if target is not None:
+        if sidecar is not None and k is not None and k not in sidecar.ks:
+            logger.warning("k=%d is not among the checkpoint's declared ks %s", k, sidecar.ks)
+        dial.set_k(model, target)
+    return model, tok
+
+
+def _load_tokenizer(name: str, **kwargs):
+    try:
+        return transformers.AutoTokenizer.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as error:
+        logger.warning("no tokenizer loaded for %s: %s", name, error)
+        return None
+
+
+def sidecar_of(model: nn.Module) -> Sidecar | None:
+    """The `phds.json` sidecar the model was loaded with, if any.
+
+    Example: `phds.loading.sidecar_of(model).ks`.
+    """
+    return getattr(model, "_phds_sidecar", None)
+
+
+def save(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None, sidecar: Sidecar | None = None) -> Path:
+    """Save a plain HF checkpoint (safetensors, `num_experts_per_tok` = k_pre) plus the sidecar, atomically.
+
+    The checkpoint is written to a temporary sibling directory and renamed into place, so a crash mid-save leaves
+    whatever was at `out_dir` before intact.
+
+    Example: `phds.save(model, "out", tokenizer=tok, sidecar=Sidecar(ks=[2, 3, 4], k_pre=4))`.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        with dial.sparsity(model, dial.k_pre(model)):
+            model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if sidecar is not None:
+            write_sidecar(tmp, sidecar)
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        if out_dir.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
