@@ -81,15 +81,23 @@ class _Plan:
 # ----------------------------------------------------------------------------- discovery
 
 
+def _router_weight(module: nn.Module) -> torch.Tensor | None:
+    """The (num_experts, hidden) projection a router scores experts with: its own `weight`, or the weight of its
+    single linear child (HunYuan's `wg`, AFMoE's `gate`)."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return weight
+    linears = [child for child in module.children() if isinstance(child, nn.Linear)]
+    return linears[0].weight if len(linears) == 1 else None
+
+
 def _is_router(module: nn.Module) -> bool:
     top_k = getattr(module, "top_k", None)
-    weight = getattr(module, "weight", None)
     return (
         isinstance(top_k, int)
         and not isinstance(top_k, bool)
-        and isinstance(weight, torch.Tensor)
-        and weight.dim() == 2
-        and not isinstance(module, (nn.Linear, nn.Embedding))
+        and type(module) not in (nn.Linear, nn.Embedding)
+        and _router_weight(module) is not None
     )
 
 
@@ -104,10 +112,16 @@ def _stacked_experts(block: nn.Module, router: nn.Module) -> nn.Module | None:
 
 def _output_positions(router: nn.Module, num_experts: int) -> tuple[int, int, int]:
     """Positions of (logits, weights, indices) in the router's output tuple, read off one probe forward."""
-    weight = router.weight
+    weight = _router_weight(router)
     probe = torch.randn(4, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
-    with torch.no_grad():
-        out = router(probe)
+    try:
+        with torch.no_grad():
+            out = router(probe)
+    except Exception as error:  # a router that needs more than hidden states (AFMoE's expert_bias, ...)
+        raise NotAnMoEError(
+            f"router {type(router).__name__} cannot be called on hidden states alone ({error}); "
+            "this MoE family cannot be dialled"
+        ) from error
     if not isinstance(out, tuple):
         raise NotAnMoEError(
             f"router {type(router).__name__} returns {type(out).__name__}, not a (logits, weights, indices) tuple; "
@@ -129,7 +143,7 @@ def _output_positions(router: nn.Module, num_experts: int) -> tuple[int, int, in
 
 def _probe_renormalizes(router: nn.Module, weights_pos: int) -> bool:
     """Does the router give its top-k weights a fixed sum? Asked of the router itself at k=1 and k=2."""
-    weight = router.weight
+    weight = _router_weight(router)
     probe = torch.randn(32, weight.shape[1], generator=torch.Generator().manual_seed(1)).to(weight.device, weight.dtype)
     saved = router.top_k
     sums = []
@@ -181,7 +195,7 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
         experts = _stacked_experts(block, module) if block is not None else None
         if experts is None:
             continue
-        num_experts = int(getattr(module, "num_experts", module.weight.shape[0]))
+        num_experts = int(getattr(module, "num_experts", None) or _router_weight(module).shape[0])
         _register(module, num_experts)
         match = _LAYER_INDEX.search(name)
         shared = tuple(

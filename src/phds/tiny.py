@@ -41,7 +41,11 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
             v_head_dim=8,
         ),
     ),
-    "gpt_oss": ("GptOssConfig", dict(num_local_experts=8, intermediate_size=32, head_dim=8, sliding_window=16)),
+    "gpt_oss": (
+        "GptOssConfig",
+        dict(num_local_experts=8, intermediate_size=32, head_dim=8, sliding_window=16,
+             rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    ),
 }
 
 FAMILIES = tuple(TINY_CONFIGS)

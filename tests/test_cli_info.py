@@ -1,0 +1,38 @@
+"""`phds info` and the CLI shell."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+import phds
+from phds.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_info_and_explains_the_project():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert "info" in result.output and "top-k" in result.output
+
+
+def test_info_prints_layout_and_active_parameters_per_k():
+    result = runner.invoke(app, ["info", "tiny:qwen2_moe"], env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    assert "k_pre: 4" in result.output
+    assert "shared experts: 1 per layer" in result.output
+    assert "active parameters per token" in result.output
+    assert "4 (k_pre)" in result.output
+
+
+def test_info_shows_the_declared_ks_of_a_phds_checkpoint(tmp_path):
+    phds.save(phds.tiny_model("olmoe"), tmp_path / "ckpt", sidecar=phds.Sidecar(ks=[2, 3, 4], k_pre=4, anchor_k=2))
+    result = runner.invoke(app, ["info", str(tmp_path / "ckpt")], env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    assert "declared ks: [2, 3, 4]" in result.output and "anchor k: 2" in result.output
+
+
+def test_info_on_a_bad_model_exits_with_a_clear_error():
+    result = runner.invoke(app, ["info", "tiny:nonexistent"])
+    assert result.exit_code == 2
+    assert "unknown tiny model" in result.output

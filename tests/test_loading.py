@@ -1,0 +1,112 @@
+"""Loading and saving: a PHDS checkpoint is a plain HF checkpoint plus phds.json."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+import phds
+from phds.loading import sidecar_of
+
+
+def _save_tiny(path, arch="olmoe", sidecar=None, k=None):
+    model = phds.tiny_model(arch)
+    if k is not None:
+        phds.set_k(model, k)
+    phds.save(model, path, tokenizer=phds.tiny_tokenizer(), sidecar=sidecar)
+    return model
+
+
+def test_saved_checkpoint_is_plain_safetensors_with_k_pre_even_when_saved_dialled(tmp_path):
+    model = _save_tiny(tmp_path / "ckpt", k=2, sidecar=phds.Sidecar(ks=[2, 3, 4], k_pre=4, default_k=2))
+    files = {p.name for p in (tmp_path / "ckpt").iterdir()}
+    assert "model.safetensors" in files and "phds.json" in files and "tokenizer.json" in files
+    assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["num_experts_per_tok"] == 4
+    assert phds.get_k(model) == 2  # saving does not change the live model's k
+    stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    assert stock.config.num_experts_per_tok == 4
+    ids = torch.randint(4, 100, (1, 6))
+    with phds.sparsity(model, 4), torch.no_grad():
+        torch.testing.assert_close(stock(ids).logits, model(ids).logits)
+
+
+def test_load_applies_the_sidecar_default_k_and_an_explicit_k_wins(tmp_path):
+    _save_tiny(tmp_path / "ckpt", sidecar=phds.Sidecar(ks=[2, 3, 4], k_pre=4, default_k=3, method="phds", anchor_k=2))
+    model, tokenizer = phds.load(tmp_path / "ckpt")
+    assert phds.get_k(model) == 3
+    assert sidecar_of(model).ks == [2, 3, 4] and sidecar_of(model).anchor_k == 2
+    assert tokenizer.decode(tokenizer("a+b=").input_ids) == "a+b="
+    model, _ = phds.load(tmp_path / "ckpt", k=2, tokenizer=False)
+    assert phds.get_k(model) == 2
+    assert phds.moe_layers(model)[0].k_pre == 4
+
+
+def test_plain_checkpoint_loads_at_k_pre(tmp_path):
+    _save_tiny(tmp_path / "plain", arch="mixtral")
+    model, _ = phds.load(tmp_path / "plain", dtype="float32")
+    assert phds.get_k(model) == 4 and sidecar_of(model) is None
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_load_of_a_tiny_family_and_bad_names():
+    model, tokenizer = phds.load("tiny:gpt_oss")
+    assert type(model).__name__ == "GptOssForCausalLM" and tokenizer is not None
+    with pytest.raises(ValueError, match="unknown tiny model"):
+        phds.load("tiny:llama")
+    with pytest.raises(ValueError, match="dtype"):
+        phds.load("tiny:olmoe", dtype="float8")
+
+
+def test_load_refuses_a_file_and_a_missing_directory_fails_cleanly(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="checkpoint directory"):
+        phds.load(tmp_path / "weights.bin")
+    with pytest.raises(OSError):
+        phds.load(tmp_path / "missing")
+
+
+def test_a_crash_mid_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    target = tmp_path / "ckpt"
+    _save_tiny(target, sidecar=phds.Sidecar(ks=[4], k_pre=4, method="oracle"))
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    model = phds.tiny_model("olmoe", seed=1)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(type(model), "save_pretrained", crash)
+    with pytest.raises(KeyboardInterrupt):
+        phds.save(model, target)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary directory left behind
+
+
+def test_sidecar_validates_and_round_trips(tmp_path):
+    sidecar = phds.Sidecar(ks=[4, 2, 3], k_pre=4, anchor_k=2, made_by={"steps": 10}, validation_loss={"2": 1.5})
+    assert sidecar.ks == [2, 3, 4] and sidecar.default_k == 4
+    phds.write_sidecar(tmp_path, sidecar)
+    assert phds.read_sidecar(tmp_path) == sidecar
+    with pytest.raises(ValueError, match="default_k"):
+        phds.Sidecar(ks=[2, 3], k_pre=4, default_k=4)
+    with pytest.raises(ValueError, match="anchor_k"):
+        phds.Sidecar(ks=[2, 3], k_pre=4, anchor_k=1)
+    with pytest.raises(ValueError, match="fixed k"):
+        phds.Sidecar(ks=[2, 3], k_pre=4, method="oracle")
+    (tmp_path / "phds.json").write_text('{"ks": [2], "k_pre": 4, "surprise": 1}')
+    with pytest.raises(ValueError, match="unknown fields"):
+        phds.read_sidecar(tmp_path)
+    (tmp_path / "phds.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        phds.read_sidecar(tmp_path)
+
+
+def test_tiny_models_are_deterministic_and_configurable():
+    a, b = phds.tiny_model("olmoe", seed=3), phds.tiny_model("olmoe", seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    assert phds.tiny_model("olmoe", num_experts_per_tok=2).config.num_experts_per_tok == 2
+    with pytest.raises(ValueError, match="arch"):
+        phds.tiny_model("llama")
