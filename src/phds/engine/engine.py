@@ -1,0 +1,244 @@
+"""The decode engine: continuous batching of requests, each with its own k, over a transformers MoE model.
+
+Shape suffixes: B rows, S sequence, V vocabulary.
+
+`step()` admits waiting requests into free rows (prefill), then runs one decode step for every running row.
+Rows join and leave between steps; the server drives the engine from one background thread (not thread-safe).
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from phds import dial
+from phds.engine.sampling import SamplingParams, choose_tokens, make_generator
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class Request:
+    """One generation request.
+
+    Attributes:
+        request_id: unique among the engine's waiting and running requests.
+        prompt_ids: prompt token ids (non-empty).
+        k: experts per token for this request.
+        params: sampling and stop parameters.
+
+    Example: `Request(request_id="a", prompt_ids=[1, 5, 6], k=2, params=SamplingParams(max_new_tokens=8))`.
+    """
+
+    request_id: str
+    prompt_ids: list[int]
+    k: int
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class TokenEvent:
+    """One new token of a request (or its end). `token_id` is None only for a finish event with no new token."""
+
+    request_id: str
+    token_id: int | None
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "cancelled"
+
+
+@dataclass
+class _Row:
+    request: Request
+    generator: torch.Generator | None
+    cache: DynamicCache
+    length: int  # tokens in the cache
+    last_token: int = -1
+    generated: int = 0
+
+
+class Engine:
+    """Continuous-batching decode engine with a k per request.
+
+    Args:
+        model: a transformers MoE causal LM (any family `phds.moe_layers` finds).
+        tokenizer: optional; only its eos id is read.
+        max_batch_size: rows decoded together.
+        max_seq_len: prompt + new tokens per request (default: the model's `max_position_embeddings`).
+        compile: compile the decode step with torch.compile.
+
+    Example: `Engine(model).generate([[1, 5, 6]], ks=2, params=SamplingParams(max_new_tokens=8))`.
+    """
+
+    def __init__(
+        self, model, tokenizer=None, *, max_batch_size: int = 8, max_seq_len: int | None = None, compile: bool = False
+    ):
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"`max_batch_size` must be an integer >= 1, got {max_batch_size!r}")
+        config = model.config
+        limit = getattr(config, "max_position_embeddings", None)
+        if max_seq_len is None:
+            max_seq_len = limit or 2048
+        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
+            raise ValueError(f"`max_seq_len` must be an integer >= 2, got {max_seq_len!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len
+        self.compile = bool(compile)
+        self.layers = dial.moe_layers(model)
+        self.max_k = min(layer.num_experts for layer in self.layers)
+        self.device = next(model.parameters()).device
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self._waiting: deque[Request] = deque()
+        self._running: dict[str, _Row] = {}
+        self._cancelled: set[str] = set()
+
+    # ------------------------------------------------------------------ queue
+
+    def add(self, request: Request) -> None:
+        """Queue `request`; it is prefilled at the next `step()` with a free row. Raises ValueError for bad input."""
+        if not isinstance(request, Request):
+            raise TypeError(f"`request` must be a phds.engine.Request, got {type(request).__name__}")
+        if not isinstance(request.params, SamplingParams):
+            raise ValueError(f"`request.params` must be SamplingParams, got {type(request.params).__name__}")
+        k = request.k
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= self.max_k:
+            raise ValueError(f"`k` must be an integer between 1 and {self.max_k}, got k={k!r}")
+        prompt = list(request.prompt_ids)
+        vocab = self.model.config.vocab_size
+        if not prompt or any(
+            isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < vocab for t in prompt
+        ):
+            raise ValueError(f"`prompt_ids` must be a non-empty list of token ids in [0, {vocab}), got {prompt[:8]!r}")
+        if len(prompt) >= self.max_seq_len:
+            raise ValueError(
+                f"`prompt_ids` has {len(prompt)} tokens; it must be shorter than max_seq_len={self.max_seq_len}"
+            )
+        if request.request_id in self._running or any(r.request_id == request.request_id for r in self._waiting):
+            raise ValueError(f"`request_id` {request.request_id!r} is already waiting or running")
+        self._cancelled.discard(request.request_id)
+        self._waiting.append(request)
+
+    def cancel(self, request_id: str) -> None:
+        """Cancel a waiting or running request; its slot is freed (and a "cancelled" event sent) at the next step."""
+        if request_id in self._running or any(r.request_id == request_id for r in self._waiting):
+            self._cancelled.add(request_id)
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running or self._cancelled)
+
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    # ------------------------------------------------------------------ stepping
+
+    def step(self) -> list[TokenEvent]:
+        """Free cancelled rows, admit waiting requests into free rows, and decode one token for every running row."""
+        events = self._drop_cancelled()
+        decoding = list(self._running.values())
+        while self._waiting and len(self._running) < self.max_batch_size:
+            events.extend(self._admit(self._waiting.popleft()))
+        if decoding:
+            events.extend(self._decode(decoding))
+        return events
+
+    def generate(
+        self, prompts: list[list[int]], ks: list[int] | int, params: SamplingParams | None = None
+    ) -> list[list[int]]:
+        """Run `prompts` to completion (each at its k) and return the new tokens of each, in order.
+
+        Example: `engine.generate([[1, 5], [1, 7, 8]], ks=[1, 4])`.
+        """
+        params = params if params is not None else SamplingParams()
+        if isinstance(ks, numbers.Integral) and not isinstance(ks, bool):
+            ks = [int(ks)] * len(prompts)
+        if len(ks) != len(prompts):
+            raise ValueError(f"`ks` must be one k or one k per prompt ({len(prompts)}), got {len(ks)} ks")
+        ids = [f"_generate-{i}" for i in range(len(prompts))]
+        for request_id, prompt, k in zip(ids, prompts, ks, strict=True):
+            self.add(Request(request_id=request_id, prompt_ids=list(prompt), k=k, params=params))
+        outputs: dict[str, list[int]] = {i: [] for i in ids}
+        while self.has_work():
+            for event in self.step():
+                if event.request_id in outputs and event.token_id is not None:
+                    outputs[event.request_id].append(event.token_id)
+        return [outputs[i] for i in ids]
+
+    # ------------------------------------------------------------------ internals
+
+    def _drop_cancelled(self) -> list[TokenEvent]:
+        events = []
+        for request_id in sorted(self._cancelled):
+            if self._running.pop(request_id, None) is not None or any(
+                r.request_id == request_id for r in self._waiting
+            ):
+                events.append(TokenEvent(request_id, None, True, "cancelled"))
+        self._waiting = deque(r for r in self._waiting if r.request_id not in self._cancelled)
+        self._cancelled.clear()
+        return events
+
+    @torch.no_grad()
+    def _forward(self, input_ids_BS: torch.Tensor, cache: DynamicCache, k: int, past: int) -> torch.Tensor:
+        positions = torch.arange(past, past + input_ids_BS.shape[1], device=self.device).unsqueeze(0)
+        with dial.sparsity(self.model, k):
+            out = self.model(
+                input_ids=input_ids_BS,
+                past_key_values=cache,
+                use_cache=True,
+                position_ids=positions,
+                cache_position=positions[0],
+                logits_to_keep=1,
+            )
+        return out.logits[:, -1]
+
+    def _admit(self, request: Request) -> list[TokenEvent]:
+        prompt = torch.tensor([request.prompt_ids], device=self.device)
+        cache = DynamicCache(config=self.model.config)
+        logits_1V = self._forward(prompt, cache, request.k, 0)
+        row = _Row(request, make_generator(request.params, self.device), cache, length=prompt.shape[1])
+        self._running[request.request_id] = row
+        return self._emit([row], logits_1V)
+
+    def _decode(self, rows: list[_Row]) -> list[TokenEvent]:
+        logits = []
+        for row in rows:
+            token = torch.tensor([[row.last_token]], device=self.device)
+            logits.append(self._forward(token, row.cache, row.request.k, row.length))
+            row.length += 1
+        return self._emit(rows, torch.cat(logits))
+
+    def _emit(self, rows: list[_Row], logits_BV: torch.Tensor) -> list[TokenEvent]:
+        tokens = choose_tokens(logits_BV, [r.request.params for r in rows], [r.generator for r in rows])
+        events = []
+        for row, token in zip(rows, tokens, strict=True):
+            row.last_token = token
+            row.generated += 1
+            params = row.request.params
+            reason = None
+            if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_ids):
+                reason = "stop"
+            elif row.generated >= params.max_new_tokens or row.length + 1 >= self.max_seq_len:
+                reason = "length"
+            if reason is not None:
+                del self._running[row.request.request_id]
+            events.append(TokenEvent(row.request.request_id, token, reason is not None, reason))
+        return events
+
+
+def _eos_ids(model, tokenizer) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        eos = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, (list, tuple)):
+            ids.update(int(e) for e in eos)
+    return frozenset(ids)

@@ -1,0 +1,129 @@
+"""The "phds" experts implementation: compute only the (token, expert) pairs whose routing weight is non-zero.
+
+Shape suffixes: T tokens, K routed slots per token (the router's top-k), S kept (token, expert) pairs, D hidden,
+I expert intermediate, E experts.
+
+The dial hands per-row / per-token k to the experts as a top-`k_max` routing whose dropped slots weigh exactly 0.
+Stock implementations (eager, grouped_mm, batched_mm) compute those slots and multiply them by 0; this one drops
+them before any matmul, so a row at k=1 in a k_max=8 batch costs one expert, not eight. Slots with an epsilon
+weight (the dial's "faithful" mode) are non-zero and are computed.
+
+Kept pairs are sorted by expert and run as one grouped matmul over the stacked weights (no weight copy, no Python
+loop over experts), with autograd, so training at a low k is proportionally cheaper too. At decode (a handful of
+pairs) a loop over the few hit experts is cheaper than the grouped kernel's setup and is used instead.
+
+Registered in transformers' experts interface when `phds.engine` is imported:
+`model.set_experts_implementation("phds")` or `phds.load(..., experts_implementation="phds")`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
+
+IMPLEMENTATION = "phds"
+
+# Below this many kept pairs a Python loop over the hit experts beats grouped_mm's sort/offset setup on CPU.
+_LOOP_MAX_PAIRS = 16
+
+
+def _up_weights(experts: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if experts.has_gate:
+        return experts.gate_up_proj, (experts.gate_up_proj_bias if experts.has_bias else None)
+    return experts.up_proj, (experts.up_proj_bias if experts.has_bias else None)
+
+
+def _activate(experts: torch.nn.Module, up_SI: torch.Tensor) -> torch.Tensor:
+    return experts._apply_gate(up_SI) if experts.has_gate else experts.act_fn(up_SI)
+
+
+def _grouped_linear(x_SD: torch.Tensor, weight_EXY: torch.Tensor, offsets_E: torch.Tensor, transposed: bool):
+    """Rows of `x_SD` sorted by expert times their expert's weight; `offsets_E` are cumulative row counts."""
+    weight = weight_EXY if transposed else weight_EXY.transpose(-2, -1)
+    return F.grouped_mm(x_SD.contiguous(), weight, offs=offsets_E)
+
+
+def _pairs_grouped(experts, x_SD, expert_S, num_experts: int) -> torch.Tensor:
+    """Expert outputs for pairs sorted by expert, via two grouped matmuls."""
+    counts_E = torch.bincount(expert_S, minlength=num_experts)
+    offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
+    up_weight, up_bias = _up_weights(experts)
+    up_SI = _grouped_linear(x_SD, up_weight, offsets_E, experts.is_transposed)
+    if up_bias is not None:
+        up_SI = up_SI + up_bias[expert_S]
+    h_SI = _activate(experts, up_SI)
+    out_SD = _grouped_linear(h_SI, experts.down_proj, offsets_E, experts.is_transposed)
+    if experts.has_bias:
+        out_SD = out_SD + experts.down_proj_bias[expert_S]
+    return out_SD
+
+
+def _pairs_loop(experts, x_SD, expert_S) -> torch.Tensor:
+    """Expert outputs for pairs sorted by expert, one pair of matmuls per hit expert (few pairs: decode)."""
+    up_weight, up_bias = _up_weights(experts)
+    ids, counts = torch.unique_consecutive(expert_S, return_counts=True)
+    outs = []
+    start = 0
+    for e, n in zip(ids.tolist(), counts.tolist(), strict=True):
+        x_nD = x_SD[start : start + n]
+        start += n
+        if experts.is_transposed:
+            up = x_nD @ up_weight[e]
+        else:
+            up = F.linear(x_nD, up_weight[e])
+        if up_bias is not None:
+            up = up + up_bias[e]
+        h = _activate(experts, up)
+        out = h @ experts.down_proj[e] if experts.is_transposed else F.linear(h, experts.down_proj[e])
+        if experts.has_bias:
+            out = out + experts.down_proj_bias[e]
+        outs.append(out)
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def phds_experts_forward(
+    self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """transformers experts-interface function: `(experts, hidden (T, D), index (T, K), weights (T, K)) -> (T, D)`.
+
+    Equal to the eager experts within fp tolerance, forward and backward, for every family `phds.tiny.FAMILIES`
+    covers; slots with weight exactly 0 are neither computed nor differentiated (their weight gradient would be
+    blocked by the dial's mask anyway).
+
+    Example: `model.set_experts_implementation("phds")` after `import phds.engine`.
+    """
+    num_tokens, hidden_dim = hidden_states.shape
+    num_slots = top_k_index.shape[-1]
+    weights_TK = top_k_weights.reshape(num_tokens, num_slots)
+    with torch.no_grad():
+        expert_TK = top_k_index.reshape(num_tokens, num_slots)
+        keep_TK = weights_TK != 0
+        if self._is_expert_parallel:
+            keep_TK &= expert_TK < self.num_experts
+        slot_S = keep_TK.reshape(-1).nonzero().squeeze(-1)
+        expert_S, order_S = torch.sort(expert_TK.reshape(-1)[slot_S], stable=True)
+        slot_S = slot_S[order_S]
+        token_S = torch.div(slot_S, num_slots, rounding_mode="floor")
+    out_TD = hidden_states.new_zeros(num_tokens, hidden_dim)
+    if slot_S.numel() == 0:
+        return out_TD
+    x_SD = hidden_states[token_S]
+    if slot_S.numel() <= _LOOP_MAX_PAIRS:
+        y_SD = _pairs_loop(self, x_SD, expert_S)
+    else:
+        y_SD = _pairs_grouped(self, x_SD, expert_S, self.num_experts)
+    if self.has_post_expert_norm:
+        y_SD = self.post_expert_norm(y_SD)
+    y_SD = y_SD * weights_TK.reshape(-1)[slot_S].unsqueeze(-1).to(y_SD.dtype)
+    return out_TD.index_add(0, token_S, y_SD.to(out_TD.dtype))
+
+
+def register() -> None:
+    """Register "phds" in transformers' experts interface (idempotent).
+
+    Example: `phds.engine.experts.register(); model.set_experts_implementation("phds")`.
+    """
+    if ExpertsInterface._global_mapping.get(IMPLEMENTATION) is not phds_experts_forward:
+        ExpertsInterface.register(IMPLEMENTATION, phds_experts_forward)
+    assert IMPLEMENTATION in ALL_EXPERTS_FUNCTIONS

@@ -1,0 +1,99 @@
+"""The engine: greedy output equals transformers' generate at the same k, rows with mixed k join and leave."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import phds
+from phds.engine import Engine, Request, SamplingParams
+
+PROMPTS = [[1, 5, 9, 20, 33], [1, 40, 41], [1, 7, 7, 7, 8, 9, 10, 11], [1, 60]]
+
+
+def _hf_greedy(model, prompt: list[int], k: int, max_new_tokens: int) -> list[int]:
+    with phds.sparsity(model, k):
+        out = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+def test_greedy_mixed_k_batch_equals_transformers_generate_at_each_k(arch):
+    model = phds.tiny_model(arch)
+    ks = [1, 4, 2, 3]
+    engine = Engine(model, max_batch_size=3)  # 4 prompts, 3 rows: the last joins when a row frees
+    outputs = engine.generate(PROMPTS, ks, SamplingParams(max_new_tokens=10))
+    for prompt, k, output in zip(PROMPTS, ks, outputs, strict=True):
+        assert output == _hf_greedy(model, prompt, k, 10), (arch, k)
+    assert phds.get_k(model) == 4  # the engine leaves the model's own dial alone
+
+
+def test_rows_join_and_leave_between_steps_and_cancel_frees_a_row():
+    model = phds.tiny_model("olmoe")
+    engine = Engine(model, max_batch_size=2)
+    params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    for name in "abc":
+        engine.add(Request(request_id=name, prompt_ids=[1, 5, 6], k=2, params=params))
+    first = engine.step()
+    assert [e.request_id for e in first] == ["a", "b"] and engine.num_waiting() == 1
+    engine.cancel("a")
+    second = engine.step()
+    assert ("a", None, True, "cancelled") in [(e.request_id, e.token_id, e.finished, e.finish_reason) for e in second]
+    assert engine.num_running() == 2  # c took a's row
+    events = []
+    while engine.has_work():
+        events.extend(engine.step())
+    finished = {e.request_id: e.finish_reason for e in events if e.finished}
+    assert finished == {"b": "length", "c": "length"}
+    assert sum(e.request_id == "c" for e in first + second + events) == 5
+
+
+def test_stop_tokens_end_a_request_and_are_emitted():
+    model = phds.tiny_model("olmoe")
+    engine = Engine(model)
+    free = engine.generate([PROMPTS[0]], 2, SamplingParams(max_new_tokens=6, ignore_eos=True))[0]
+    stop = free[2]
+    stopped = engine.generate([PROMPTS[0]], 2, SamplingParams(max_new_tokens=6, stop_token_ids=(stop,)))[0]
+    assert stopped == free[: free.index(stop) + 1]
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch():
+    model = phds.tiny_model("qwen3_moe")
+    params = SamplingParams(max_new_tokens=8, temperature=0.9, top_p=0.9, seed=3, ignore_eos=True)
+    alone = Engine(model).generate([PROMPTS[1]], 2, params)[0]
+    batched = Engine(model).generate([PROMPTS[0], PROMPTS[1]], [4, 2], params)[1]
+    assert alone == batched
+
+
+def test_max_seq_len_ends_a_request_with_length():
+    engine = Engine(phds.tiny_model("olmoe"), max_seq_len=8)
+    out = engine.generate([PROMPTS[0]], 1, SamplingParams(max_new_tokens=50, ignore_eos=True))[0]
+    assert len(out) == 8 - len(PROMPTS[0])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(k=0), "k"),
+        (dict(k=9), "k"),
+        (dict(prompt_ids=[]), "prompt_ids"),
+        (dict(prompt_ids=[1, 500]), "prompt_ids"),
+    ],
+)
+def test_bad_requests_raise_value_error_before_queueing(kwargs, match):
+    engine = Engine(phds.tiny_model("olmoe"))
+    fields = dict(request_id="r", prompt_ids=[1, 5], k=2, params=SamplingParams()) | kwargs
+    with pytest.raises(ValueError, match=match):
+        engine.add(Request(**fields))
+    assert not engine.has_work()
+
+
+def test_duplicate_request_id_is_rejected():
+    engine = Engine(phds.tiny_model("olmoe"))
+    engine.add(Request(request_id="r", prompt_ids=[1, 5], k=2, params=SamplingParams()))
+    with pytest.raises(ValueError, match="request_id"):
+        engine.add(Request(request_id="r", prompt_ids=[1, 5], k=2, params=SamplingParams()))

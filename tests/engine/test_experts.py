@@ -1,0 +1,71 @@
+"""The "phds" experts implementation equals eager, forward and backward, and skips dropped slots."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import phds
+import phds.engine  # noqa: F401  registers "phds"
+from phds.engine import experts as experts_module
+
+
+def _pair(arch: str, k) -> tuple[torch.nn.Module, torch.nn.Module]:
+    eager = phds.tiny_model(arch)
+    eager.set_experts_implementation("eager")
+    sparse = phds.tiny_model(arch)
+    sparse.set_experts_implementation("phds")
+    for model in (eager, sparse):
+        model.train()
+        phds.set_k(model, k)
+    return eager, sparse
+
+
+@pytest.mark.parametrize("k", [2, "per_row", "per_token"])
+def test_phds_experts_match_eager_forward_and_backward(arch, k, input_ids):
+    if k == "per_row":
+        k = torch.tensor([1, 3, 4])
+    elif k == "per_token":
+        k = torch.randint(1, 5, input_ids.shape, generator=torch.Generator().manual_seed(1))
+    eager, sparse = _pair(arch, k)
+    loss_eager = eager(input_ids, labels=input_ids).loss
+    loss_sparse = sparse(input_ids, labels=input_ids).loss
+    loss_eager.backward()
+    loss_sparse.backward()
+    torch.testing.assert_close(loss_sparse, loss_eager, rtol=1e-5, atol=1e-6)
+    for (name, p_eager), p_sparse in zip(eager.named_parameters(), sparse.parameters(), strict=True):
+        if p_eager.grad is None:
+            assert p_sparse.grad is None or not p_sparse.grad.any(), name
+            continue
+        torch.testing.assert_close(p_sparse.grad, p_eager.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_single_token_decode_path_matches_eager(arch):
+    eager, sparse = _pair(arch, torch.tensor([1, 4]))
+    token = torch.tensor([[5], [9]])
+    torch.testing.assert_close(sparse(token).logits, eager(token).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_zero_weight_slots_are_never_computed(monkeypatch):
+    model = phds.tiny_model("olmoe", num_experts_per_tok=4)
+    model.set_experts_implementation("phds")
+    phds.set_k(model, torch.tensor([1, 3]))  # the router picks 3 slots per token; row 0 keeps 1 of them
+    seen = []
+    loop = experts_module._pairs_loop
+    monkeypatch.setattr(experts_module, "_pairs_loop", lambda e, x, ids: seen.append(len(ids)) or loop(e, x, ids))
+    model(torch.tensor([[5], [9]]))
+    assert seen == [4, 4]  # per layer 1 + 3 kept pairs, not 2 x 3 routed slots
+
+
+def test_epsilon_slots_are_computed_like_eager(input_ids):
+    eager, sparse = _pair("mixtral", 4)
+    for model in (eager, sparse):
+        phds.set_k(model, 2, epsilon=1e-3)
+    torch.testing.assert_close(sparse(input_ids).logits, eager(input_ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_registration_is_idempotent_and_load_accepts_phds():
+    phds.engine.register()
+    phds.engine.register()
+    model, _ = phds.load("tiny:olmoe", experts_implementation="phds", tokenizer=False)
+    assert model.config._experts_implementation == "phds"
