@@ -40,6 +40,8 @@ _FILES = {
     "eval_mc": "eval_mc.jsonl",
     "eval_em": "eval_em.jsonl",
 }
+# Even the smallest split (5%) accepts a fresh draw with p >= 0.05, so 5000 misses in a row means it is used up.
+_MAX_MISSES = 5000
 _LETTERS = string.ascii_lowercase
 _ALNUM = string.ascii_lowercase + string.digits
 N_CHOICES = 4
@@ -181,17 +183,18 @@ def _draw(rng: random.Random, skill: str, split: str, n: int, *, unique: bool, p
     """`n` instances of `skill` owned by `split` (rejection sampling); distinct bodies when `unique`."""
     drawn: list[Instance] = []
     seen: set[str] = set()
-    attempts, max_attempts = 0, 200 * n + 1000
+    misses = 0  # consecutive rejections; a long run means the split's part of the space is (nearly) used up
     while len(drawn) < n:
-        attempts += 1
-        if attempts > max_attempts:
+        if misses > _MAX_MISSES:
             raise ValueError(
-                f"`{parameter}` asks for {n} distinct {skill!r} instances per skill but the {split!r} part of that "
-                f"skill's instance space ran out after {len(drawn)}; use a smaller `{parameter}`"
+                f"`{parameter}` needs {n} distinct {skill!r} instances but the {split!r} part of that skill's "
+                f"instance space ran out after {len(drawn)}; use a smaller `{parameter}`"
             )
         instance = _MAKERS[skill](rng)
         if split_of(skill, instance.body) != split or (unique and instance.body in seen):
+            misses += 1
             continue
+        misses = 0
         seen.add(instance.body)
         drawn.append(instance)
     return drawn
