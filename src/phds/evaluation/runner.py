@@ -1,0 +1,325 @@
+"""`evaluate`: one pass per k over every task, per-item predictions stored, agreement computed from them.
+
+The model is loaded once; each k is dialled with `phds.sparsity`, so the model's own k is restored afterwards.
+Tasks and ks are validated before any model call.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from phds import dial
+from phds.evaluation import scoring
+from phds.evaluation.agreement import agreement_matrix
+from phds.evaluation.latency import LatencyConfig, measure_latency
+from phds.evaluation.metrics import METRICS, METRICS_OF, PRIMARY, last_number, summarise
+from phds.evaluation.prompts import ItemRequests, build_requests
+from phds.evaluation.tasks import Task, load_tasks, normalise_number
+from phds.loading import load, sidecar_of
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+
+def _load_model(model, tokenizer, device):
+    if isinstance(model, (str, os.PathLike)):
+        loaded, tok = load(str(model), device=device)
+        return loaded, tokenizer if tokenizer is not None else tok, str(model)
+    if isinstance(model, tuple):
+        loaded, tok = model
+        return loaded, tokenizer if tokenizer is not None else tok, None
+    return model, tokenizer, None
+
+
+def _check_ks(ks: Sequence[int], model) -> list[int]:
+    experts = dial.num_experts(model)
+    bad = [k for k in ks if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= experts]
+    if bad or not ks:
+        raise ValueError(f"`ks` must be ints in [1, {experts}] (the model's experts per layer), got {list(ks)}")
+    return sorted(set(ks))
+
+
+def _windows(tokenizer, text: str, window: int, stride: int, limit: int | None) -> list[tuple[list[int], list[int]]]:
+    """Sliding windows of `window` tokens every `stride` tokens; each scores only the tokens not scored before."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    if len(ids) < 2:
+        raise ValueError("a perplexity text needs at least 2 tokens")
+    requests, scored_until = [], 1  # the first token has no context and is never scored
+    for begin in range(0, len(ids), stride):
+        end = min(begin + window, len(ids))
+        if end <= scored_until:
+            break
+        requests.append((ids[begin:scored_until], ids[scored_until:end]))
+        scored_until = end
+        if end == len(ids) or (limit is not None and len(requests) >= limit):
+            break
+    return requests
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    import phds
+
+    return {"phds": phds.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}
+
+
+class _Prepared:
+    """A task's requests, tokenised once and reused at every k."""
+
+    def __init__(self, task: Task, tokenizer, model, *, limit, num_fewshot, seed, max_len, ppl_stride):
+        self.task = task
+        self.count = len(task.items) if limit is None else min(limit, len(task.items))
+        self.items: list[ItemRequests] = []
+        self.token_requests: list[tuple[list[int], list[int]]] = []
+        self.owner: list[int] = []  # item index of each token request
+        if task.kind == "perplexity":
+            stride = ppl_stride or max(max_len // 2, 1)
+            if not 1 <= stride <= max_len:
+                raise ValueError(f"`ppl_stride` must be in [1, {max_len}], got {ppl_stride}")
+            self.stride = stride
+            self.token_requests = _windows(tokenizer, task.items[0]["text"], max_len, stride, limit)
+            self.owner = list(range(len(self.token_requests)))
+            self.count = len(self.token_requests)
+            return
+        self.items = build_requests(task, self.count, num_fewshot=num_fewshot, seed=seed)
+        for index, item in enumerate(self.items):
+            for context, continuation in item.pairs:
+                self.token_requests.append(scoring.encode_pair(tokenizer, context, continuation, max_len))
+                self.owner.append(index)
+
+    @property
+    def units(self) -> int:
+        return len(self.token_requests) if self.token_requests else self.count
+
+
+def _score_ll(prep: _Prepared, scored: list[scoring.Scored], k: int) -> tuple[dict, list[dict]]:
+    task, kind = prep.task, prep.task.kind
+    columns: dict[str, list] = {"prediction": []}
+    records = []
+    if kind == "perplexity":
+        columns.update(nll=[], tokens=[])
+        for w, s in enumerate(scored):
+            columns["nll"].append(-s.logprob)
+            columns["tokens"].append(s.n_tokens)
+            columns["prediction"].append(s.argmax)
+            records.append({"task": task.name, "k": k, "index": w, "nll": -s.logprob, "tokens": s.n_tokens,
+                            "top1": s.argmax})
+        return columns, records
+    by_item: list[list[scoring.Scored]] = [[] for _ in prep.items]
+    for owner, s in zip(prep.owner, scored, strict=True):
+        by_item[owner].append(s)
+    for index, (item, results) in enumerate(zip(prep.items, by_item, strict=True)):
+        record = {"task": task.name, "k": k, "index": index, "line": task.line_numbers[index]}
+        if kind == "lambada":
+            s = results[0]
+            columns.setdefault("acc", []).append(float(s.greedy))
+            columns.setdefault("nll", []).append(-s.logprob)
+            columns.setdefault("tokens", []).append(1)
+            columns["prediction"].append(s.argmax)
+            record.update(prediction=s.argmax, correct=s.greedy, logprob=s.logprob)
+        else:
+            logprobs = [s.logprob for s in results]
+            lengths = [len(cont.encode("utf-8")) for _, cont in item.pairs]
+            choice = int(np.argmax(logprobs))
+            choice_norm = int(np.argmax([lp / n for lp, n in zip(logprobs, lengths, strict=True)]))
+            columns.setdefault("acc", []).append(float(choice == item.gold))
+            if kind == "mc":
+                columns.setdefault("acc_norm", []).append(float(choice_norm == item.gold))
+            columns["prediction"].append(choice)
+            record.update(prediction=choice, prediction_norm=choice_norm, gold=item.gold, logprobs=logprobs)
+        records.append(record)
+    return columns, records
+
+
+def _score_generation(prep: _Prepared, texts: list[str], k: int) -> tuple[dict, list[dict]]:
+    columns: dict[str, list] = {"prediction": [], "exact_match": []}
+    records = []
+    for index, (item, text) in enumerate(zip(prep.items, texts, strict=True)):
+        if prep.task.kind == "gsm8k":
+            answer = last_number(text)
+        else:
+            answer = text.strip()
+        gold = normalise_number(item.gold) if prep.task.kind == "gsm8k" else item.gold
+        correct = answer is not None and answer == gold
+        columns["prediction"].append(answer)
+        columns["exact_match"].append(float(correct))
+        records.append({"task": prep.task.name, "k": k, "index": index, "line": prep.task.line_numbers[index],
+                        "generation": text, "prediction": answer, "gold": gold, "correct": correct})
+    return columns, records
+
+
+def evaluate(
+    model,
+    ks: Sequence[int] | None,
+    tasks: Sequence[str | os.PathLike] | str,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    tokenizer=None,
+    limit: int | None = None,
+    num_fewshot: int = 0,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    latency: bool | LatencyConfig = True,
+    model_name: str | None = None,
+    max_length: int | None = None,
+    ppl_stride: int | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a model at every k in `ks`: quality per task, cross-k agreement, latency; one pass per k.
+
+    Args:
+        model: a checkpoint path, hub name, `tiny:<arch>`, a loaded `(model, tokenizer)` pair, or a model (then pass
+            `tokenizer`).
+        ks: the ks to dial; None means the sidecar's declared ks, else the model's k_pre.
+        tasks: task specs: .jsonl / .txt paths or bare names in `$PHDS_DATA` (see `phds.evaluation.tasks`).
+        out_dir: when given, write results.json, predictions.jsonl, report.md, frontier.png and agreement.png.
+        tokenizer: overrides the loaded tokenizer.
+        limit: first `limit` items per task (windows for perplexity).
+        num_fewshot: few-shot examples per item, drawn from the same file with `seed`.
+        batch_size: rows per forward / generate call; scores equal batch size 1's.
+        max_new_tokens: greedy generation limit for gsm8k / exact-match tasks.
+        seed: few-shot sampling and bootstrap seed.
+        latency: measure latency per k (True, False or a `LatencyConfig`).
+        model_name: the name shown in reports (defaults to the path / hub name).
+        max_length: cap on tokens per sequence (default: the model's max_position_embeddings); also the
+            perplexity window.
+        ppl_stride: perplexity window stride (default max_length // 2: every token after the first window sees
+            at least half a window of context).
+        device: where to load a model given by name (default: CUDA when present).
+        progress: show a rich progress bar.
+
+    Returns:
+        The results.json content (schema in docs/evaluation.md).
+
+    Example: `phds.evaluation.evaluate("tiny:olmoe", [1, 2, 4], ["copa"], limit=20, out_dir="eval-out")`.
+    """
+    for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
+        if value < 1:
+            raise ValueError(f"`{name}` must be >= 1, got {value}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"`limit` must be >= 1, got {limit}")
+    if num_fewshot < 0:
+        raise ValueError(f"`num_fewshot` must be >= 0, got {num_fewshot}")
+    task_list = load_tasks(tasks)
+    model, tokenizer, loaded_name = _load_model(model, tokenizer, device)
+    if tokenizer is None:
+        raise ValueError("`tokenizer` is required: the model came without one")
+    layers = dial.moe_layers(model)
+    sidecar = sidecar_of(model)
+    if ks is None:
+        ks = sidecar.ks if sidecar is not None else [layers[0].k_pre]
+    ks = _check_ks(list(ks), model)
+    if sidecar is not None:
+        undeclared = [k for k in ks if k not in sidecar.ks]
+        if undeclared:
+            logger.warning("ks %s are not among the checkpoint's declared ks %s", undeclared, sidecar.ks)
+    max_len = scoring.max_length(model, max_length)
+    prepared = [_Prepared(t, tokenizer, model, limit=limit, num_fewshot=num_fewshot, seed=seed, max_len=max_len,
+                          ppl_stride=ppl_stride) for t in task_list]
+    latency_config = latency if isinstance(latency, LatencyConfig) else (LatencyConfig() if latency else None)
+    if latency_config is not None:
+        latency_config.prompt_tokens = min(latency_config.prompt_tokens, max_len - latency_config.new_tokens - 1)
+
+    pad = scoring.pad_id(tokenizer)
+    per_k: dict[int, dict[str, dict]] = {k: {} for k in ks}
+    records: list[dict] = []
+    latency_table: dict[str, dict] = {}
+    total = len(ks) * sum(p.units for p in prepared)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  disable=not progress) as bar:
+        job = bar.add_task("eval", total=total)
+        for k in ks:
+            with dial.sparsity(model, k):
+                for prep in prepared:
+                    bar.update(job, description=f"k={k} {prep.task.name}")
+                    advance = lambda n: bar.advance(job, n)  # noqa: E731
+                    if prep.task.kind in ("gsm8k", "exact_match"):
+                        texts = scoring.generate(model, tokenizer, [i.prompt for i in prep.items],
+                                                 max_new_tokens=max_new_tokens, stops=prep.items[0].stops,
+                                                 batch_size=batch_size, limit=max_len, on_batch=advance)
+                        columns, recs = _score_generation(prep, texts, k)
+                    else:
+                        scored = scoring.loglikelihoods(model, prep.token_requests, batch_size=batch_size, pad=pad,
+                                                        on_batch=advance)
+                        columns, recs = _score_ll(prep, scored, k)
+                    per_k[k][prep.task.name] = columns
+                    records.extend(recs)
+            if latency_config is not None:
+                bar.update(job, description=f"k={k} latency")
+                latency_table[str(k)] = measure_latency(model, k, latency_config)
+
+    results = _assemble(prepared, per_k, ks, latency_table, model=model, sidecar=sidecar,
+                        name=model_name or loaded_name or getattr(model, "name_or_path", None) or type(model).__name__,
+                        settings=dict(limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
+                                      max_new_tokens=max_new_tokens, seed=seed, max_length=max_len))
+    if out_dir is not None:
+        from phds.evaluation.report import write_outputs
+
+        write_outputs(results, records, out_dir)
+    return results
+
+
+def _assemble(prepared, per_k, ks, latency_table, *, model, sidecar, name, settings) -> dict[str, Any]:
+    seed = settings["seed"]
+    tasks: dict[str, Any] = {}
+    for prep in prepared:
+        task = prep.task
+        names = METRICS_OF[task.kind]
+        entry: dict[str, Any] = {
+            "kind": task.kind,
+            "path": str(task.path),
+            "n": prep.count,
+            "primary": PRIMARY[task.kind],
+            "higher_is_better": METRICS[PRIMARY[task.kind]],
+            "metrics": {},
+            "items": {},
+        }
+        if task.kind == "perplexity":
+            entry["window"] = settings["max_length"]
+            entry["stride"] = prep.stride
+            entry["digest"] = Task(name=task.name, kind=task.kind, path=task.path, items=[
+                {"ids": [r[0] + r[1] for r in prep.token_requests]}]).digest()
+        else:
+            entry["digest"] = Task(name=task.name, kind=task.kind, path=task.path, items=task.items[:prep.count]).digest()
+        for k in ks:
+            columns = per_k[k][task.name]
+            entry["metrics"][str(k)] = {m: summarise(m, columns, seed=seed) for m in names}
+            entry["items"][str(k)] = columns
+        entry["agreement"] = agreement_matrix(
+            {k: per_k[k][task.name]["prediction"] for k in ks},
+            positionwise=task.kind == "perplexity",
+        )
+        tasks[task.name] = entry
+    layers = dial.moe_layers(model)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model": name,
+        "method": sidecar.method if sidecar is not None else "base",
+        "sidecar": sidecar.to_dict() if sidecar is not None else None,
+        "ks": list(ks),
+        "k_pre": layers[0].k_pre,
+        "num_experts": layers[0].num_experts,
+        "total_params": int(sum(p.numel() for p in model.parameters())),
+        "active_params": {str(k): int(dial.active_parameters(model, k)) for k in ks},
+        "settings": settings,
+        "tasks": tasks,
+        "latency": latency_table,
+        "device": str(next(model.parameters()).device),
+        "versions": _versions(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
