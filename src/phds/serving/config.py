@@ -1,0 +1,78 @@
+"""`ServeConfig`: everything `phds serve` takes; the CLI's options are these field names."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+
+@dataclass(kw_only=True)
+class ServeConfig:
+    """How to serve one checkpoint.
+
+    Attributes:
+        model: checkpoint directory, hub name, or `tiny:<family>`.
+        served_model_name: the name clients use; defaults to the checkpoint directory's name.
+        k_set: the ks requests may ask for; defaults to the sidecar's declared ks, else [k_pre].
+        default_k: k of a request that names none; defaults to the sidecar's default k, else k_pre.
+        host: bind address (loopback unless told otherwise).
+        port: TCP port (0 picks a free one).
+        api_key: when set, `/v1/*` needs `Authorization: Bearer <api_key>` (else 401).
+        max_batch: requests decoded together (the engine's batch slots).
+        max_queue: requests allowed to wait for a slot; beyond that the server answers 503 with Retry-After.
+        max_model_len: prompt plus completion tokens; defaults to the model's `max_position_embeddings`.
+        auto_target_ms: per-token latency target enabling `k: "auto"` (None: auto is refused with a 400).
+        auto_queue_step: waiting requests that lower an auto request's k by one declared step.
+        drain_timeout_s: on SIGTERM, how long in-flight requests may take to finish before they are cancelled.
+        dtype: "auto", "float32", "bfloat16" or "float16".
+        device: defaults to CUDA when present, else CPU.
+        compile: let the engine `torch.compile` its decode step.
+        trust_remote_code: allow the checkpoint's own modelling code (off by default).
+
+    Example: `ServeConfig(model="out/olmoe-phds", k_set=[1, 2, 4], auto_target_ms=40.0)`.
+    """
+
+    model: str
+    served_model_name: str | None = None
+    k_set: list[int] | None = None
+    default_k: int | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_batch: int = 8
+    max_queue: int = 64
+    max_model_len: int | None = None
+    auto_target_ms: float | None = None
+    auto_queue_step: int = 4
+    drain_timeout_s: float = 30.0
+    dtype: str = "auto"
+    device: str | None = None
+    compile: bool = False
+    trust_remote_code: bool = False
+    log_level: str = field(default="warning")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"`port` must be in [0, 65535], got {self.port}")
+        if self.host != "localhost":
+            try:
+                ipaddress.ip_address(self.host)
+            except ValueError:
+                raise ValueError(f"`host` must be an IP address or 'localhost', got {self.host!r}") from None
+        for name in ("max_batch", "auto_queue_step"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if self.max_queue < 0:
+            raise ValueError(f"`max_queue` must be >= 0, got {self.max_queue}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"`max_model_len` must be >= 2, got {self.max_model_len}")
+        if self.auto_target_ms is not None and not self.auto_target_ms > 0:
+            raise ValueError(f"`auto_target_ms` must be > 0, got {self.auto_target_ms}")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"`drain_timeout_s` must be >= 0, got {self.drain_timeout_s}")
+        if self.k_set is not None and (not self.k_set or min(self.k_set) < 1):
+            raise ValueError(f"`k_set` must be a non-empty list of positive ints, got {self.k_set}")
+        if self.k_set is not None and self.default_k is not None and self.default_k not in self.k_set:
+            raise ValueError(f"`default_k` must be one of `k_set` {sorted(self.k_set)}, got {self.default_k}")
+        if self.served_model_name is not None and ("@" in self.served_model_name or not self.served_model_name):
+            raise ValueError(f"`served_model_name` must be non-empty without '@', got {self.served_model_name!r}")

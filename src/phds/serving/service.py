@@ -1,0 +1,339 @@
+"""From a validated OpenAI request to engine work and back: k resolution, limits, stop strings, metrics.
+
+Every check that can fail happens in `prepare_*`, before anything reaches the engine, and fails with an `APIError`
+(OpenAI's shape, right status). `generate` then streams `Piece`s: released text, the token it came with, and the
+finish reason on the last one. Leaving `generate` early (a client that hung up) cancels the engine request at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from phds import dial
+from phds.loading import load, sidecar_of
+from phds.serving.autok import AutoKPolicy
+from phds.serving.config import ServeConfig
+from phds.serving.detok import TextStream
+from phds.serving.errors import APIError, bad_request, model_not_found, queue_full, shutting_down
+from phds.serving.metrics import ServingMetrics
+from phds.serving.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, new_id, now
+from phds.serving.runner import EngineRunner
+
+logger = logging.getLogger(__name__)
+
+AUTO = "auto"
+
+
+@dataclass(kw_only=True)
+class Job:
+    """One request, validated and tokenised, ready for the engine."""
+
+    request_id: str
+    endpoint: str  # "completions" | "chat"
+    model: str  # the model name echoed back (as the client sent it)
+    prompt_ids: list[int]
+    k: int
+    auto: bool
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    ignore_eos: bool
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+    return_token_ids: bool = False
+    created: int = field(default_factory=now)
+
+
+@dataclass
+class Piece:
+    """Newly released text; `finish_reason` is set on the last piece only."""
+
+    text: str
+    token_id: int | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
+class Outcome:
+    """What a finished request produced."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class Service:
+    """The serving logic of one loaded model; `phds.serving.app.create_app(service)` puts HTTP in front of it.
+
+    Args:
+        model, tokenizer: the loaded checkpoint (the engine drives `model`; the tokenizer is used here).
+        runner: the `EngineRunner` stepping a `phds.engine.Engine` over `model`.
+        ks: the declared ks; default_k: k of a request that names none.
+        model_name: the name clients use.
+        max_model_len: prompt plus completion tokens.
+        max_batch, max_queue: in-flight requests beyond `max_batch + max_queue` are refused with a 503.
+        auto_policy: enables `k: "auto"` (None refuses it).
+
+    Example: `service = Service.from_config(ServeConfig(model="tiny:olmoe", k_set=[1, 2, 4]))`.
+    """
+
+    def __init__(self, *, model, tokenizer, runner: EngineRunner, ks: list[int], default_k: int, model_name: str,
+                 max_model_len: int, max_batch: int, max_queue: int, auto_policy: AutoKPolicy | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if tokenizer is None:
+            raise ValueError("`tokenizer` is required to serve text; the checkpoint has none")
+        if default_k not in ks:
+            raise ValueError(f"`default_k` must be one of the declared ks {ks}, got {default_k}")
+        self.model, self.tokenizer, self.runner = model, tokenizer, runner
+        self.ks, self.default_k, self.model_name = sorted(ks), default_k, model_name
+        self.max_model_len, self.max_batch, self.max_queue = max_model_len, max_batch, max_queue
+        self.auto_policy = auto_policy
+        self.clock = clock
+        self.metrics = ServingMetrics()
+        self.in_flight = 0
+        self.closing = False
+        self.vocab_size = model.config.get_text_config().vocab_size
+        if auto_policy is not None:
+            self.metrics.auto_k_target_ms.set(auto_policy.target_ms)
+        eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
+        self.eos_token_ids = tuple(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
+
+    @classmethod
+    def from_config(cls, config: ServeConfig) -> Service:
+        """Load the checkpoint, resolve its ks, build the engine and its runner (not started yet)."""
+        from phds.engine import Engine  # the decode engine; imported here so protocol-only users need no torch
+
+        model, tokenizer = load(config.model, dtype=config.dtype, device=config.device,
+                                trust_remote_code=config.trust_remote_code)
+        ks, default_k = resolve_ks(model, config.k_set, config.default_k)
+        max_model_len = config.max_model_len or model.config.get_text_config().max_position_embeddings
+        engine = Engine(model, tokenizer, max_batch_size=config.max_batch, max_seq_len=max_model_len,
+                        compile=config.compile)
+        policy = None
+        if config.auto_target_ms is not None:
+            policy = AutoKPolicy(ks=ks, target_ms=config.auto_target_ms, queue_step=config.auto_queue_step)
+        name = config.served_model_name or served_name(config.model)
+        return cls(model=model, tokenizer=tokenizer, runner=EngineRunner(engine), ks=ks, default_k=default_k,
+                   model_name=name, max_model_len=max_model_len, max_batch=config.max_batch,
+                   max_queue=config.max_queue, auto_policy=policy)
+
+    # ------------------------------------------------------------------------------------------- model listing
+
+    def models(self) -> ModelList:
+        """The model itself (at the default k), one entry per declared k (`NAME@k2`), and `NAME@auto` if enabled."""
+        created = now()
+        card = dict(created=created, ks=self.ks, max_model_len=self.max_model_len)
+        cards = [ModelCard(id=self.model_name, k=self.default_k, **card)]
+        cards += [ModelCard(id=f"{self.model_name}@k{k}", k=k, **card) for k in self.ks]
+        if self.auto_policy is not None:
+            cards.append(ModelCard(id=f"{self.model_name}@{AUTO}", k=AUTO, **card))
+        return ModelList(data=cards)
+
+    def resolve_k(self, model: str, k: int | str | None) -> tuple[int, bool]:
+        """(k, is_auto) from the model name (NAME, NAME@k2, NAME@auto) and the body's `k`."""
+        name, _, suffix = model.partition("@")
+        if name != self.model_name:
+            raise model_not_found(model, self.model_name)
+        from_name: int | str | None = None
+        if suffix:
+            if suffix == AUTO:
+                from_name = AUTO
+            elif suffix.startswith("k") and suffix[1:].isdigit():
+                from_name = int(suffix[1:])
+            else:
+                raise model_not_found(model, self.model_name)
+        if from_name is not None and k is not None and from_name != k:
+            raise bad_request(f"`k` is {k!r} in the body but {from_name!r} in the model name {model!r}", "k")
+        wanted = k if k is not None else from_name
+        if wanted == AUTO:
+            if self.auto_policy is None:
+                raise bad_request("`k`='auto' needs a server started with --auto-target-ms", "k", "auto_k_disabled")
+            chosen = self.auto_policy.choose(queue_depth=self.queue_depth())
+            self.metrics.auto_k_chosen.labels(k=str(chosen)).inc()
+            return chosen, True
+        if wanted is None:
+            return self.default_k, False
+        if wanted not in self.ks:
+            raise bad_request(f"`k`={wanted} is not declared by this checkpoint; allowed values: {self.ks}"
+                              + (" or 'auto'" if self.auto_policy is not None else ""), "k", "k_not_declared")
+        return int(wanted), False
+
+    def queue_depth(self) -> int:
+        """Requests in flight that do not fit in the running batch."""
+        return max(0, self.in_flight - self.max_batch)
+
+    # ------------------------------------------------------------------------------------------- preparation
+
+    def prepare_completion(self, request: CompletionRequest) -> Job:
+        if isinstance(request.prompt, str):
+            prompt_ids = self.tokenizer(request.prompt, add_special_tokens=True).input_ids
+        else:
+            prompt_ids = list(request.prompt)
+            bad = [i for i in prompt_ids if not 0 <= i < self.vocab_size]
+            if bad:
+                raise bad_request(f"`prompt` token ids must be in [0, {self.vocab_size}), got {bad[:5]}", "prompt")
+        return self._job("completions", request, prompt_ids, request.max_tokens)
+
+    def prepare_chat(self, request: ChatCompletionRequest) -> Job:
+        messages = []
+        try:
+            for message in request.messages:
+                messages.append({**(message.model_extra or {}), "role": message.role, "content": message.text()})
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except ValueError as error:
+            raise bad_request(str(error), "messages") from error
+        except Exception as error:  # jinja errors from the template (e.g. a role it refuses)
+            raise bad_request(f"the chat template refused `messages`: {error}", "messages") from error
+        # The template already holds any special tokens it wants (BOS, role markers).
+        prompt_ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        return self._job("chat", request, prompt_ids, request.limit())
+
+    def _job(self, endpoint: str, request, prompt_ids: list[int], max_tokens: int | None) -> Job:
+        if self.closing:
+            raise shutting_down()
+        room = self.max_model_len - len(prompt_ids)
+        if room < 1:
+            raise bad_request(f"the prompt has {len(prompt_ids)} tokens; this model's maximum context length is "
+                              f"{self.max_model_len} (prompt plus completion)", "prompt", "context_length_exceeded")
+        if max_tokens is not None and max_tokens > room:
+            raise bad_request(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds this "
+                              f"model's maximum context length {self.max_model_len}", "max_tokens",
+                              "context_length_exceeded")
+        k, auto = self.resolve_k(request.model, request.k)
+        return Job(request_id=new_id("cmpl" if endpoint == "completions" else "chatcmpl"), endpoint=endpoint,
+                   model=request.model, prompt_ids=prompt_ids, k=k, auto=auto,
+                   max_new_tokens=max_tokens if max_tokens is not None else room,
+                   temperature=request.temperature, top_p=request.top_p, seed=request.seed,
+                   ignore_eos=request.ignore_eos, stop=list(request.stop), stream=request.stream,
+                   include_usage=bool(request.stream_options and request.stream_options.include_usage),
+                   return_token_ids=request.return_token_ids)
+
+    # ------------------------------------------------------------------------------------------- generation
+
+    def admit(self) -> None:
+        """Refuse with a 503 when `max_batch + max_queue` requests are already in flight."""
+        if self.closing:
+            raise shutting_down()
+        if self.in_flight >= self.max_batch + self.max_queue:
+            raise queue_full(retry_after_s=1)
+
+    async def generate(self, job: Job) -> AsyncIterator[Piece]:
+        """Run `job` on the engine; yield text as it is released. Call `admit()` first."""
+        from phds.engine import Request, SamplingParams
+
+        params = SamplingParams(max_new_tokens=job.max_new_tokens, temperature=job.temperature, top_p=job.top_p,
+                                seed=job.seed, ignore_eos=job.ignore_eos,
+                                stop_token_ids=() if job.ignore_eos else self.eos_token_ids)
+        request = Request(request_id=job.request_id, prompt_ids=job.prompt_ids, k=job.k, params=params)
+        label = str(job.k)
+        arrived = self.clock()
+        first = last = None
+        count = 0
+        done = False
+        self.in_flight += 1
+        self.metrics.queue_depth.set(self.queue_depth())
+        events = self.runner.submit(request)
+        text = TextStream(self.tokenizer, job.stop)
+        try:
+            while not done:
+                event = await events.get()
+                piece = Piece("", event.token_id)
+                if event.token_id is not None:
+                    last = self.clock()
+                    first = first if first is not None else last
+                    count += 1
+                    piece.text = text.push(event.token_id)
+                if text.stopped:  # a stop string: end here and free the slot now
+                    self.runner.cancel(job.request_id)
+                    piece.finish_reason, done = "stop", True
+                elif event.finished:
+                    piece.finish_reason, done = _finish_reason(event), True
+                    piece.text += text.finish()
+                if event.token_id is not None or done:
+                    yield piece
+        finally:
+            self.in_flight -= 1
+            self.metrics.queue_depth.set(self.queue_depth())
+            self.metrics.running.set(self.runner.num_running)
+            if not done:  # the client hung up (task cancelled) or the consumer stopped early
+                self.runner.cancel(job.request_id)
+            self._record(job, label, arrived, first, last, count, done)
+
+    async def complete(self, job: Job) -> Outcome:
+        """Run `job` to the end and collect it (non-streaming)."""
+        outcome = Outcome()
+        async for piece in self.generate(job):
+            outcome.text += piece.text
+            if piece.token_id is not None:
+                outcome.token_ids.append(piece.token_id)
+            outcome.finish_reason = piece.finish_reason or outcome.finish_reason
+        return outcome
+
+    def _record(self, job: Job, label: str, arrived: float, first: float | None, last: float | None, count: int,
+                done: bool) -> None:
+        self.metrics.prompt_tokens.labels(k=label).inc(len(job.prompt_ids))
+        self.metrics.generation_tokens.labels(k=label).inc(count)
+        if first is not None:
+            self.metrics.time_to_first_token.labels(k=label).observe(first - arrived)
+            self.metrics.request_latency.labels(k=label).observe(last - arrived)
+        if count > 1:
+            per_token_s = (last - first) / (count - 1)
+            self.metrics.time_per_output_token.labels(k=label).observe(per_token_s)
+            if self.auto_policy is not None and done:
+                self.auto_policy.observe(job.k, per_token_s * 1000)
+                latency = self.auto_policy.latency_ms(job.k)
+                if latency is not None:
+                    self.metrics.auto_k_latency_ms.labels(k=label).set(latency)
+
+    def health(self) -> dict:
+        return {"status": "draining" if self.closing else ("ok" if self.runner.alive else "starting"),
+                "model": self.model_name, "ks": self.ks, "default_k": self.default_k,
+                "running": self.runner.num_running, "in_flight": self.in_flight, "queue_depth": self.queue_depth()}
+
+
+def _finish_reason(event) -> str:
+    reason = event.finish_reason or "stop"
+    if reason.startswith("error"):
+        raise APIError(500, f"the engine failed: {reason}", type="internal_error", code="engine_error")
+    return reason
+
+
+def resolve_ks(model, k_set: list[int] | None, default_k: int | None) -> tuple[list[int], int]:
+    """The declared ks and default k: `k_set` if given, else the sidecar's, else [k_pre]; validated.
+
+    Example: `resolve_ks(model, None, None) == ([1, 2, 4], 4)` for a checkpoint whose sidecar declares 1, 2, 4.
+    """
+    sidecar = sidecar_of(model)
+    k_pre = dial.k_pre(model)
+    num_experts = dial.num_experts(model)
+    if k_set is not None:
+        ks = sorted(set(k_set))
+        if sidecar is not None and not set(ks) <= set(sidecar.ks):
+            logger.warning("serving ks %s outside the checkpoint's declared ks %s", ks, sidecar.ks)
+    elif sidecar is not None:
+        ks = list(sidecar.ks)
+    else:
+        ks = [k_pre]
+    bad = [k for k in ks if not 1 <= k <= num_experts]
+    if bad:
+        raise ValueError(f"`k_set` values must be in [1, {num_experts}] (experts per layer), got {bad}")
+    if default_k is None:
+        if sidecar is not None and sidecar.default_k in ks:
+            default_k = sidecar.default_k
+        else:
+            default_k = k_pre if k_pre in ks else max(ks)
+    if default_k not in ks:
+        raise ValueError(f"`default_k` must be one of the served ks {ks}, got {default_k}")
+    return ks, default_k
+
+
+def served_name(model: str) -> str:
+    """The model name clients use by default: a checkpoint directory's name, else the name as given."""
+    path = Path(model)
+    return path.resolve().name if path.is_dir() else model
