@@ -3,6 +3,9 @@
 Example: `phds.evaluation.evaluate("tiny:olmoe", [1, 2, 4], ["copa"], limit=20, out_dir="eval-out")`.
 """
 
+from phds.evaluation.compare import compare
+from phds.evaluation.latency import LatencyConfig, measure_latency
 from phds.evaluation.runner import evaluate
+from phds.evaluation.sweep import sweep
 
-__all__ = ["evaluate"]
+__all__ = ["LatencyConfig", "compare", "evaluate", "measure_latency", "sweep"]

@@ -11,7 +11,6 @@ import logging
 import os
 import platform
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,7 +31,7 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 
 
-def _load_model(model, tokenizer, device):
+def resolve_model(model, tokenizer, device):
     if isinstance(model, (str, os.PathLike)):
         loaded, tok = load(str(model), device=device)
         return loaded, tokenizer if tokenizer is not None else tok, str(model)
@@ -216,7 +215,7 @@ def evaluate(
     if num_fewshot < 0:
         raise ValueError(f"`num_fewshot` must be >= 0, got {num_fewshot}")
     task_list = load_tasks(tasks)
-    model, tokenizer, loaded_name = _load_model(model, tokenizer, device)
+    model, tokenizer, loaded_name = resolve_model(model, tokenizer, device)
     if tokenizer is None:
         raise ValueError("`tokenizer` is required: the model came without one")
     layers = dial.moe_layers(model)

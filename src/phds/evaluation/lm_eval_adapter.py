@@ -1,0 +1,91 @@
+"""An lm-evaluation-harness model: HFLM with the k dial, registered as `phds` (model arg `k`).
+
+Importing this module registers the model (lm-eval 0.4.x has no plugin discovery for external models), after which
+lm-eval's own Python API and CLI can use it:
+
+    import phds.evaluation.lm_eval_adapter  # registers "phds"
+    lm_eval.simple_evaluate(model="phds", model_args="pretrained=out/phds,k=2", tasks=["arc_easy"])
+
+or from the shell: `phds lm-eval --model phds --model_args pretrained=out/phds,k=2 --tasks arc_easy`.
+Following lm-eval's `hf_steered.py`, `_model_call` and `_model_generate` run inside `phds.sparsity(model, k)`, so
+the wrapped model's own k is untouched between calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+try:
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.huggingface import HFLM
+except ImportError as error:  # pragma: no cover - exercised only without the extra
+    raise ImportError("the lm-eval adapter needs lm-eval: pip install 'moe-phds[lm-eval]'") from error
+
+from phds import dial
+from phds.sidecar import read_sidecar
+
+logger = logging.getLogger(__name__)
+
+
+def _parse_k(k: int | str | None) -> int | None:
+    if k is None or k == "":
+        return None
+    try:
+        value = int(k)
+    except (TypeError, ValueError):
+        raise ValueError(f"`k` must be a positive integer, got {k!r}") from None
+    if value < 1 or (isinstance(k, float) and k != value):
+        raise ValueError(f"`k` must be a positive integer, got {k!r}")
+    return value
+
+
+@register_model("phds")
+class PHDSLM(HFLM):
+    """HFLM whose forward passes and generations run at experts-per-token `k`.
+
+    Args:
+        pretrained: checkpoint path / hub name (or a loaded model), as for HFLM.
+        k: experts per token; default: the sidecar's `default_k`, else the checkpoint's k_pre.
+        **kwargs: forwarded to HFLM (batch_size, device, dtype, max_length, ...).
+
+    Example: `PHDSLM(pretrained="out/phds", k=2, device="cpu")`.
+    """
+
+    def __init__(self, pretrained, k: int | str | None = None, **kwargs):
+        requested = _parse_k(k)  # a malformed k fails before the model is loaded
+        super().__init__(pretrained=pretrained, **kwargs)
+        layers = dial.moe_layers(self.model)
+        sidecar = read_sidecar(pretrained) if isinstance(pretrained, str) and Path(pretrained).is_dir() else None
+        if requested is None:
+            requested = sidecar.default_k if sidecar is not None else layers[0].k_pre
+        if not 1 <= requested <= layers[0].num_experts:
+            raise ValueError(f"`k` must be in [1, {layers[0].num_experts}] for this model, got {requested}")
+        if sidecar is not None and requested not in sidecar.ks:
+            logger.warning("k=%d is not among the checkpoint's declared ks %s", requested, sidecar.ks)
+        self.k = requested
+
+    def _model_call(self, *args, **kwargs):
+        with dial.sparsity(self.model, self.k):
+            return super()._model_call(*args, **kwargs)
+
+    def _model_generate(self, *args, **kwargs):
+        with dial.sparsity(self.model, self.k):
+            return super()._model_generate(*args, **kwargs)
+
+
+def run_cli(argv: Sequence[str]) -> None:
+    """Run lm-eval's command line with `argv` (everything after `lm-eval`), the `phds` model registered.
+
+    Example: `run_cli(["--model", "phds", "--model_args", "pretrained=out,k=2", "--tasks", "arc_easy"])`.
+    """
+    from lm_eval.__main__ import cli_evaluate
+
+    saved = sys.argv
+    sys.argv = ["lm-eval", *argv]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
