@@ -105,9 +105,20 @@ def _stacked_experts(block: nn.Module, router: nn.Module) -> nn.Module | None:
     for name, child in block.named_children():
         if child is router or "shared" in name:
             continue
+        child = _unwrap_adapters(child)
         if any(p.dim() == 3 for p in child.parameters(recurse=False)):
             return child
     return None
+
+
+def _unwrap_adapters(module: nn.Module) -> nn.Module:
+    """Look through PEFT wrappers (LoRA's `ParamWrapper` on 3-D expert parameters keeps the experts as `base_layer`)."""
+    while not any(p.dim() == 3 for p in module.parameters(recurse=False)):
+        inner = getattr(module, "base_layer", None)
+        if not isinstance(inner, nn.Module) or inner is module:
+            break
+        module = inner
+    return module
 
 
 def _output_positions(router: nn.Module, num_experts: int) -> tuple[int, int, int]:

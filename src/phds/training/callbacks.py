@@ -1,0 +1,214 @@
+"""Trainer callbacks of a PHDS run: dial k once per optimizer step, log it, show progress, keep the best checkpoint.
+
+- `PHDSCallback` sets k at `on_step_begin`, the one point of an optimizer step before its first micro-batch's
+  forward: every micro-batch of a gradient-accumulation step, and any forward recomputed by activation
+  checkpointing, runs at the same k. Every rank computes k from the pure schedule, so ranks agree without talking.
+- `JsonlLogCallback` appends every log (per-step k, training loss, per-k validation loss) to a JSON-lines file.
+- `RichProgressCallback` replaces transformers' tqdm bar on rank zero: step, k, loss, ETA.
+- `BestCheckpointCallback` keeps the checkpoint with the best validation score and hands it to a save function.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from phds import dial
+from phds.schedule import PHDSSchedule
+
+logger = logging.getLogger(__name__)
+
+LOG_NAME = "phds_log.jsonl"
+
+
+def eval_loss_key(k: int) -> str:
+    """The metric name of the validation loss at k (what `evaluate` returns and the loggers see).
+
+    Example: `eval_loss_key(2) == "eval_loss_k2"`.
+    """
+    return f"eval_loss_k{k}"
+
+
+class PHDSCallback(TrainerCallback):
+    """Dial the schedule's k at the start of every optimizer step and record it.
+
+    Args:
+        schedule: the per-step k.
+        epsilon: weight of dropped experts (0 drops them).
+        renormalize: override the router's renormalisation (None follows it).
+        history_path: JSON-lines log of a previous attempt of this run; on resume the k of the steps already done
+            are read back from it, so `k_history` covers the whole run.
+
+    Example: `trainer.add_callback(PHDSCallback(PHDSSchedule(ks=[2, 3, 4])))`.
+    """
+
+    def __init__(
+        self,
+        schedule: PHDSSchedule,
+        *,
+        epsilon: float = 0.0,
+        renormalize: bool | None = None,
+        history_path: str | Path | None = None,
+    ) -> None:
+        self.schedule = schedule
+        self.epsilon = epsilon
+        self.renormalize = renormalize
+        self.history_path = Path(history_path) if history_path is not None else None
+        self.k_history: list[int] = []
+        self.current_k: int | None = None
+        self._k_before: int | dict | torch.Tensor | None = None
+
+    def on_train_begin(self, args, state: TrainerState, control: TrainerControl, model=None, **kwargs):
+        self._k_before = dial.get_k(model)
+        self.k_history = self._history_before(state.global_step, state.max_steps)
+
+    def _history_before(self, resumed_step: int, total_steps: int) -> list[int]:
+        """The k of steps [0, resumed_step): read from the previous attempt's log, else recomputed (pure schedule)."""
+        if resumed_step == 0:
+            return []
+        logged: dict[int, int] = {}
+        if self.history_path is not None and self.history_path.is_file():
+            for line in self.history_path.read_text().splitlines():
+                entry = json.loads(line)
+                if "k" in entry and entry.get("event") == "step" and entry["step"] < resumed_step:
+                    logged[entry["step"]] = entry["k"]
+        missing = [step for step in range(resumed_step) if step not in logged]
+        if missing:
+            logger.warning("k of %d earlier steps not in the log; recomputing them from the schedule", len(missing))
+        return [logged.get(step, self.schedule.k_at(step, total_steps)) for step in range(resumed_step)]
+
+    def on_step_begin(self, args, state: TrainerState, control: TrainerControl, model=None, **kwargs):
+        step = state.global_step
+        k = self.schedule.k_at(step, state.max_steps)
+        dial.set_k(model, k, epsilon=self.epsilon, renormalize=self.renormalize)
+        self.current_k = k
+        del self.k_history[step:]  # a step begun twice (never in transformers today) is recorded once
+        self.k_history.append(k)
+
+    def on_log(self, args, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
+        if logs is not None and self.current_k is not None and "loss" in logs:
+            logs["k"] = self.current_k
+
+    def on_train_end(self, args, state: TrainerState, control: TrainerControl, model=None, **kwargs):
+        if self._k_before is not None and model is not None:
+            dial.set_k(model, self._k_before)
+
+
+class JsonlLogCallback(TrainerCallback):
+    """Append one JSON line per optimizer step (`{"event": "step", "step", "k"}`) and per log (`{"event": "log",
+    "step", ...}`) to `path`, on rank zero. The file is opened per write, so it survives being moved.
+
+    Example: `JsonlLogCallback("out/phds_log.jsonl", phds_callback)`.
+    """
+
+    def __init__(self, path: str | Path, phds_callback: PHDSCallback) -> None:
+        self.path = Path(path)
+        self.phds_callback = phds_callback
+
+    def _write(self, entry: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(entry, sort_keys=True) + "\n")
+
+    def on_step_begin(self, args, state: TrainerState, control: TrainerControl, **kwargs):
+        if state.is_world_process_zero and self.phds_callback.current_k is not None:
+            self._write({"event": "step", "step": state.global_step, "k": self.phds_callback.current_k})
+
+    def on_log(self, args, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            clean = {key: value for key, value in logs.items() if isinstance(value, (int, float, str))}
+            self._write({"event": "log", "step": state.global_step, **clean})
+
+
+class RichProgressCallback(TrainerCallback):
+    """A rich progress bar on rank zero with the step, the current k, the last training loss and the ETA.
+
+    Example: `trainer.add_callback(RichProgressCallback(phds_callback))`.
+    """
+
+    def __init__(self, phds_callback: PHDSCallback) -> None:
+        self.phds_callback = phds_callback
+        self.progress = None
+        self.task = None
+        self.loss: float | None = None
+
+    def on_train_begin(self, args, state: TrainerState, control: TrainerControl, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("k={task.fields[k]}"),
+            TextColumn("loss={task.fields[loss]}"),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, k="-", loss="-")
+
+    def on_step_end(self, args, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.progress is not None:
+            loss = "-" if self.loss is None else f"{self.loss:.4f}"
+            self.progress.update(self.task, completed=state.global_step, k=self.phds_callback.current_k, loss=loss)
+
+    def on_log(self, args, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
+        if self.progress is not None and logs and "loss" in logs:
+            self.loss = float(logs["loss"])
+        if self.progress is not None and logs and any(key.startswith("eval_loss_k") for key in logs):
+            losses = ", ".join(f"k={key[len('eval_loss_k'):]}: {value:.4f}" for key, value in logs.items()
+                               if key.startswith("eval_loss_k"))
+            self.progress.console.log(f"step {state.global_step} validation loss {losses}")
+
+    def on_train_end(self, args, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+class BestCheckpointCallback(TrainerCallback):
+    """Track the best validation score (`eval_loss`, which `PHDSTrainer` sets to the selection score) and call
+    `save(model, step, losses)` on rank zero whenever it improves; other ranks wait for the save to finish.
+
+    On resume the best score so far is read back from the Trainer state's log history, so a resumed run only
+    replaces the saved checkpoint with a better one.
+
+    Example: `BestCheckpointCallback(ks=[2, 3, 4], save=lambda model, step, losses: ...)`.
+    """
+
+    def __init__(self, ks: list[int], save: Callable[[torch.nn.Module, int, dict[int, float]], None]) -> None:
+        self.ks = list(ks)
+        self.save = save
+        self.best_score = math.inf
+        self.best_step: int | None = None
+        self.best_losses: dict[int, float] = {}
+
+    def _losses(self, metrics: dict) -> dict[int, float]:
+        return {k: float(metrics[eval_loss_key(k)]) for k in self.ks if eval_loss_key(k) in metrics}
+
+    def on_train_begin(self, args, state: TrainerState, control: TrainerControl, **kwargs):
+        for entry in state.log_history:
+            if "eval_loss" in entry and entry["eval_loss"] < self.best_score:
+                self.best_score = float(entry["eval_loss"])
+                self.best_step = int(entry.get("step", 0))
+                self.best_losses = self._losses(entry)
+
+    def on_evaluate(self, args, state: TrainerState, control: TrainerControl, metrics=None, model=None, **kwargs):
+        if not metrics or "eval_loss" not in metrics:
+            return
+        score = float(metrics["eval_loss"])
+        if not score < self.best_score:
+            return
+        self.best_score, self.best_step, self.best_losses = score, state.global_step, self._losses(metrics)
+        if state.is_world_process_zero:
+            self.save(model, state.global_step, self.best_losses)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()

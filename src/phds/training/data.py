@@ -1,0 +1,165 @@
+"""Training data: read rows from a file, a `datasets` name or memory, check them, hold out a validation split.
+
+Three row shapes are accepted, the ones TRL's `SFTTrainer` formats itself:
+- language modelling: a `text` column (plain text; `.txt` files give one row per non-empty line);
+- prompt/completion: `prompt` and `completion` columns (loss on the completion only);
+- chat: a `messages` column of `{"role", "content"}` turns (formatted with the tokenizer's chat template).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import datasets
+
+logger = logging.getLogger(__name__)
+
+DataSource = str | os.PathLike | datasets.Dataset | Sequence[Mapping]
+
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
+
+
+def _looks_like_path(source: str) -> bool:
+    """A file-ish string (known suffix, explicit directory, nested path) rather than an `owner/name` hub id."""
+    return Path(source).suffix.lower() in FILE_BUILDERS or source.startswith((".", "/", "~")) or source.count("/") > 1
+
+
+def read_rows(source: DataSource, *, what: str = "train_data", split: str = "train") -> datasets.Dataset:
+    """Rows of a local jsonl/json/parquet/csv/txt file, a `datasets` hub name, a `Dataset` or a list of dicts.
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+        ValueError: an unsupported file type, or a source of the wrong kind.
+
+    Example: `read_rows("data/train.jsonl")`.
+    """
+    if isinstance(source, datasets.Dataset):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        text = os.fspath(source)
+        path = Path(text).expanduser()
+        if path.is_file():
+            builder = FILE_BUILDERS.get(path.suffix.lower())
+            if builder is None:
+                raise ValueError(
+                    f"`{what}` must be a {'/'.join(sorted(FILE_BUILDERS))} file or a datasets name, got {text!r}"
+                )
+            rows = datasets.load_dataset(builder, data_files=str(path), split="train")
+            if builder == "text":
+                rows = rows.filter(lambda row: bool(row["text"].strip()))
+            return rows
+        if path.is_dir():
+            return datasets.load_dataset(str(path), split=split)
+        if _looks_like_path(text):
+            raise FileNotFoundError(f"`{what}` file not found: {text}")
+        try:
+            return datasets.load_dataset(text, split=split)
+        except Exception as error:  # datasets raises many kinds (hub errors, missing splits, ...)
+            raise ValueError(f"`{what}`={text!r} is neither a local file nor a loadable datasets name: {error}") from error
+    if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
+        if not all(isinstance(row, Mapping) for row in source):
+            raise ValueError(f"`{what}` as a list must hold dicts (rows), got {type(source[0]).__name__} items")
+        return datasets.Dataset.from_list([dict(row) for row in source])
+    raise ValueError(
+        f"`{what}` must be a path, a datasets name, a datasets.Dataset or a list of dicts, got {type(source).__name__}"
+    )
+
+
+def select_columns(
+    rows: datasets.Dataset,
+    *,
+    what: str = "train_data",
+    text_field: str = "text",
+    prompt_column: str | None = None,
+    completion_column: str | None = None,
+) -> datasets.Dataset:
+    """Rename the user's columns to TRL's (`prompt`, `completion`), keep only the ones training reads, and check.
+
+    Raises:
+        ValueError: an empty dataset, or one without `messages`, `prompt`+`completion` or the text column.
+
+    Example: `select_columns(rows, prompt_column="question", completion_column="answer")`.
+    """
+    if len(rows) == 0:
+        raise ValueError(f"`{what}` is empty: no rows to train or evaluate on")
+    renames = {}
+    for name, target in ((prompt_column, "prompt"), (completion_column, "completion")):
+        if name is None or name == target:
+            continue
+        if name not in rows.column_names:
+            raise ValueError(f"`{what}` has no column {name!r} (columns: {rows.column_names})")
+        renames[name] = target
+    if renames:
+        rows = rows.remove_columns([c for c in renames.values() if c in rows.column_names]).rename_columns(renames)
+    columns = set(rows.column_names)
+    if "messages" in columns:
+        keep = ["messages"]
+    elif {"prompt", "completion"} <= columns:
+        keep = ["prompt", "completion"]
+    elif text_field in columns:
+        keep = [text_field]
+    else:
+        raise ValueError(
+            f"`{what}` needs a `{text_field}` column (language modelling), `prompt` and `completion` columns (SFT) or "
+            f"a `messages` column (chat); it has {sorted(columns)}. Map yours with prompt_column/completion_column."
+        )
+    rows = rows.select_columns(keep)
+    first = rows[0]
+    for column in keep:
+        value = first[column]
+        if column == "messages":
+            if not isinstance(value, list) or not value or not all(isinstance(m, Mapping) for m in value):
+                raise ValueError(f"`{what}` column `messages` must hold lists of {{role, content}} dicts, got {value!r}")
+        elif not isinstance(value, str):
+            raise ValueError(f"`{what}` column `{column}` must hold strings, got {type(value).__name__}")
+    return rows
+
+
+def split_validation(
+    rows: datasets.Dataset, *, eval_fraction: float, seed: int
+) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Hold out `eval_fraction` of the rows (at least one, and at least one left to train on) for validation.
+
+    Example: `train_rows, eval_rows = split_validation(rows, eval_fraction=0.05, seed=0)`.
+    """
+    if eval_fraction <= 0:
+        return rows, None
+    if len(rows) < 2:
+        raise ValueError(
+            f"`train_data` has {len(rows)} row: too few to hold out a validation split; pass `eval_data` or "
+            "eval_fraction=0"
+        )
+    n_eval = min(max(1, round(eval_fraction * len(rows))), len(rows) - 1)
+    parts = rows.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
+
+
+def prepare_data(
+    train_data: DataSource,
+    eval_data: DataSource | None,
+    *,
+    text_field: str = "text",
+    prompt_column: str | None = None,
+    completion_column: str | None = None,
+    eval_fraction: float = 0.05,
+    max_eval_samples: int | None = None,
+    split: str = "train",
+    seed: int = 0,
+) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Read, check and split the training and validation rows; everything `train` needs, before any model work.
+
+    Example: `train_rows, eval_rows = prepare_data("train.jsonl", None, eval_fraction=0.1)`.
+    """
+    columns = dict(text_field=text_field, prompt_column=prompt_column, completion_column=completion_column)
+    train_rows = select_columns(read_rows(train_data, what="train_data", split=split), what="train_data", **columns)
+    if eval_data is not None:
+        eval_rows = select_columns(read_rows(eval_data, what="eval_data", split=split), what="eval_data", **columns)
+    else:
+        train_rows, eval_rows = split_validation(train_rows, eval_fraction=eval_fraction, seed=seed)
+    if eval_rows is not None and max_eval_samples is not None and len(eval_rows) > max_eval_samples:
+        eval_rows = eval_rows.select(range(max_eval_samples))
+    logger.info("training rows: %d, validation rows: %d", len(train_rows), 0 if eval_rows is None else len(eval_rows))
+    return train_rows, eval_rows

@@ -1,0 +1,81 @@
+"""PHDSTrainer: TRL's `SFTTrainer` whose evaluation runs the validation set at every declared k.
+
+Training itself is unchanged: the k of each optimizer step is dialled by `PHDSCallback`, and the load-balancing
+loss that `SFTTrainer` adds is computed by the model at the dialled k (the dial keeps `num_experts_per_tok` equal
+to it). Only evaluation changes: one pass per k inside `phds.sparsity`, logged as `eval_loss_k{k}`, and
+`eval_loss` becomes the checkpoint-selection score (the loss at the selection k, or the mean over the ks).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from transformers.trainer_utils import EvalLoopOutput
+from trl import SFTTrainer
+
+from phds import dial
+from phds.training.callbacks import eval_loss_key
+
+logger = logging.getLogger(__name__)
+
+
+def selection_score(losses: dict[int, float], *, select_by: str, k_select: int) -> float:
+    """The number checkpoint selection minimises: the loss at `k_select` ("k_pre") or the mean over ks ("mean").
+
+    Example: `selection_score({2: 3.1, 4: 2.9}, select_by="mean", k_select=4) == 3.0`.
+    """
+    if select_by == "mean":
+        return sum(losses.values()) / len(losses)
+    if select_by == "k_pre":
+        return losses[k_select]
+    raise ValueError(f"`select_by` must be 'k_pre' or 'mean', got {select_by!r}")
+
+
+class PHDSTrainer(SFTTrainer):
+    """`SFTTrainer` evaluating at every k of `eval_ks`.
+
+    Args:
+        eval_ks: the ks the validation set is evaluated at (the declared ks).
+        select_by: "k_pre" or "mean" (see `selection_score`).
+        k_select: the k whose loss "k_pre" selection uses.
+        mask_epsilon, renormalize: the routing options training uses, applied at evaluation too.
+        *args, **kwargs: `SFTTrainer`'s.
+
+    Example: `PHDSTrainer(model=model, args=config, train_dataset=rows, eval_dataset=val, eval_ks=[2, 3, 4])`.
+    """
+
+    def __init__(
+        self,
+        *args,
+        eval_ks: list[int],
+        select_by: str = "k_pre",
+        k_select: int | None = None,
+        mask_epsilon: float = 0.0,
+        renormalize: bool | None = None,
+        **kwargs,
+    ) -> None:
+        self.eval_ks = sorted(eval_ks)
+        self.select_by = select_by
+        self.k_select = k_select if k_select is not None else max(self.eval_ks)
+        if select_by == "k_pre" and self.k_select not in self.eval_ks:
+            raise ValueError(f"`k_select`={self.k_select} must be one of the evaluated ks {self.eval_ks}")
+        self.mask_epsilon = mask_epsilon
+        self.renormalize = renormalize
+        super().__init__(*args, **kwargs)
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ) -> EvalLoopOutput:
+        losses: dict[int, float] = {}
+        last: EvalLoopOutput | None = None
+        for k in self.eval_ks:
+            with dial.sparsity(self.model, k, epsilon=self.mask_epsilon, renormalize=self.renormalize):
+                last = super().evaluation_loop(
+                    dataloader, f"{description} at k={k}", prediction_loss_only, ignore_keys, metric_key_prefix
+                )
+            losses[k] = float(last.metrics[f"{metric_key_prefix}_loss"])
+        metrics = dict(last.metrics)
+        for k, loss in losses.items():
+            metrics[eval_loss_key(k).replace("eval", metric_key_prefix, 1)] = loss
+        metrics[f"{metric_key_prefix}_loss"] = selection_score(losses, select_by=self.select_by, k_select=self.k_select)
+        return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=last.num_samples)
