@@ -55,8 +55,11 @@ def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
         service.closing = True
         service.runner.stop()
 
-    app = FastAPI(title="phds serve", summary="OpenAI-compatible server with per-request experts per token (k)",
-                  lifespan=lifespan)
+    app = FastAPI(
+        title="phds serve",
+        summary="OpenAI-compatible server with per-request experts per token (k)",
+        lifespan=lifespan,
+    )
     app.state.service = service
 
     def error_response(error: APIError) -> JSONResponse:
@@ -79,8 +82,7 @@ def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
         logger.exception("unexpected error answering %s", request.url.path)
-        return error_response(APIError(500, f"internal error: {type(error).__name__}: {error}",
-                                       type="internal_error"))
+        return error_response(APIError(500, f"internal error: {type(error).__name__}: {error}", type="internal_error"))
 
     async def check_key(request: Request) -> None:
         if api_key is None:
@@ -119,8 +121,9 @@ def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
 async def _answer(service: Service, job: Job, request: Request):
     service.admit()
     if job.stream:
-        return StreamingResponse(_sse(service, job), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(
+            _sse(service, job), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
     outcome = await _unless_disconnected(service.complete(job), request)
     if outcome is None:
         return Response(status_code=499)  # nobody is listening; the engine request was cancelled
@@ -155,13 +158,19 @@ def _usage(job: Job, completion_tokens: int) -> Usage:
 
 
 def _full_response(job: Job, outcome: Outcome) -> CompletionResponse | ChatCompletionResponse:
-    common = dict(id=job.request_id, created=job.created, model=job.model, k=job.k,
-                  usage=_usage(job, len(outcome.token_ids)),
-                  prompt_token_ids=job.prompt_ids if job.return_token_ids else None)
+    common = dict(
+        id=job.request_id,
+        created=job.created,
+        model=job.model,
+        k=job.k,
+        usage=_usage(job, len(outcome.token_ids)),
+        prompt_token_ids=job.prompt_ids if job.return_token_ids else None,
+    )
     ids = outcome.token_ids if job.return_token_ids else None
     if job.endpoint == "chat":
-        choice = ChatChoice(message=AssistantMessage(content=outcome.text), finish_reason=outcome.finish_reason,
-                            token_ids=ids)
+        choice = ChatChoice(
+            message=AssistantMessage(content=outcome.text), finish_reason=outcome.finish_reason, token_ids=ids
+        )
         return ChatCompletionResponse(choices=[choice], **common)
     choice = CompletionChoice(text=outcome.text, finish_reason=outcome.finish_reason, token_ids=ids)
     return CompletionResponse(choices=[choice], **common)
@@ -180,8 +189,9 @@ async def _sse(service: Service, job: Job):
     finish = None
     try:
         if chat:  # OpenAI opens a chat stream with the role
-            yield _data(ChatCompletionChunk(choices=[ChatChunkChoice(delta=Delta(role="assistant", content=""))],
-                                            **common))
+            yield _data(
+                ChatCompletionChunk(choices=[ChatChunkChoice(delta=Delta(role="assistant", content=""))], **common)
+            )
         async for piece in service.generate(job):
             count += piece.token_id is not None
             finish = piece.finish_reason
@@ -189,8 +199,9 @@ async def _sse(service: Service, job: Job):
             if not (piece.text or piece.finish_reason or ids):
                 continue
             if chat:
-                choice = ChatChunkChoice(delta=Delta(content=piece.text or None), finish_reason=piece.finish_reason,
-                                         token_ids=ids)
+                choice = ChatChunkChoice(
+                    delta=Delta(content=piece.text or None), finish_reason=piece.finish_reason, token_ids=ids
+                )
                 yield _data(ChatCompletionChunk(choices=[choice], **common))
             else:
                 choice = CompletionChoice(text=piece.text, finish_reason=piece.finish_reason, token_ids=ids)
@@ -217,4 +228,3 @@ def _validation_error(error: RequestValidationError) -> APIError:
     if "input" in first and first.get("type") not in ("missing", "model_attributes_type"):
         message += f" (got {first['input']!r})"[:300]
     return APIError(400, message, param=param, code=first.get("type"))
-

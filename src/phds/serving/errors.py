@@ -34,23 +34,38 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 def model_not_found(model: str, served: str) -> APIError:
     return APIError(
-        404, f"The model {model!r} does not exist; this server serves {served!r} (see GET /v1/models).",
-        type="not_found_error", param="model", code="model_not_found",
+        404,
+        f"The model {model!r} does not exist; this server serves {served!r} (see GET /v1/models).",
+        type="not_found_error",
+        param="model",
+        code="model_not_found",
     )
 
 
 def queue_full(retry_after_s: int) -> APIError:
     return APIError(
-        503, "The server's queue is full; retry later.", type="overloaded_error", code="queue_full",
+        503,
+        "The server's queue is full; retry later.",
+        type="overloaded_error",
+        code="queue_full",
         headers={"Retry-After": str(retry_after_s)},
     )
 
 
 def unauthorized() -> APIError:
-    return APIError(401, "Missing or wrong API key (send `Authorization: Bearer <key>`).",
-                    type="authentication_error", code="invalid_api_key")
+    return APIError(
+        401,
+        "Missing or wrong API key (send `Authorization: Bearer <key>`).",
+        type="authentication_error",
+        code="invalid_api_key",
+    )
 
 
 def shutting_down() -> APIError:
-    return APIError(503, "The server is shutting down.", type="overloaded_error", code="shutting_down",
-                    headers={"Retry-After": "5"})
+    return APIError(
+        503,
+        "The server is shutting down.",
+        type="overloaded_error",
+        code="shutting_down",
+        headers={"Retry-After": "5"},
+    )

@@ -29,8 +29,15 @@ def vllm_overrides(k: int) -> str:
     return f"--hf-overrides '{json.dumps({'num_experts_per_tok': k})}'"
 
 
-def export(model: str | os.PathLike, k: int, out_dir: str | os.PathLike, *, dtype: str = "auto",
-           trust_remote_code: bool = False, overwrite: bool = False) -> Path:
+def export(
+    model: str | os.PathLike,
+    k: int,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    overwrite: bool = False,
+) -> Path:
     """Write `model` as a plain safetensors checkpoint whose config says `num_experts_per_tok = k`.
 
     The tokenizer is copied, and a `phds.json` with `method="base"` and `ks=[k]` records where it came from (so
@@ -62,13 +69,23 @@ def export(model: str | os.PathLike, k: int, out_dir: str | os.PathLike, *, dtyp
     # An int k sets the routers' top_k and config.num_experts_per_tok: exactly a model built at k.
     dial.set_k(loaded, k)
     if getattr(loaded.config.get_text_config(), "num_experts_per_tok", None) != k:
-        raise TypeError(f"{type(loaded).__name__} keeps its top-k outside `num_experts_per_tok`; it cannot be "
-                        "exported at a fixed k")
-    sidecar = Sidecar(ks=[k], k_pre=k, default_k=k, method="base", made_by={
-        "exported_by": "phds export", "source": str(model), "source_k_pre": k_pre,
-        "source_ks": source.ks if source is not None else None,
-        "source_method": source.method if source is not None else None,
-    })
+        raise TypeError(
+            f"{type(loaded).__name__} keeps its top-k outside `num_experts_per_tok`; it cannot be "
+            "exported at a fixed k"
+        )
+    sidecar = Sidecar(
+        ks=[k],
+        k_pre=k,
+        default_k=k,
+        method="base",
+        made_by={
+            "exported_by": "phds export",
+            "source": str(model),
+            "source_k_pre": k_pre,
+            "source_ks": source.ks if source is not None else None,
+            "source_method": source.method if source is not None else None,
+        },
+    )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:

@@ -21,8 +21,10 @@ class ServingMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "phds_requests", "Finished requests by k, endpoint and finish reason.",
-            ["k", "endpoint", "finish_reason"], registry=r,
+            "phds_requests",
+            "Finished requests by k, endpoint and finish reason.",
+            ["k", "endpoint", "finish_reason"],
+            registry=r,
         )
         self.prompt_tokens = Counter("phds_prompt_tokens", "Prompt tokens by k.", ["k"], registry=r)
         self.generation_tokens = Counter("phds_generation_tokens", "Generated tokens by k.", ["k"], registry=r)
@@ -30,20 +32,31 @@ class ServingMetrics:
         self.queue_depth = Gauge("phds_queue_depth", "Requests waiting for a batch slot.", registry=r)
         self.running = Gauge("phds_running_requests", "Requests in the running batch.", registry=r)
         self.request_latency = Histogram(
-            "phds_request_latency_seconds", "Arrival to last token, by k.", ["k"], buckets=_LATENCY_BUCKETS,
+            "phds_request_latency_seconds",
+            "Arrival to last token, by k.",
+            ["k"],
+            buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.time_to_first_token = Histogram(
-            "phds_time_to_first_token_seconds", "Arrival to first token, by k.", ["k"], buckets=_LATENCY_BUCKETS,
+            "phds_time_to_first_token_seconds",
+            "Arrival to first token, by k.",
+            ["k"],
+            buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.time_per_output_token = Histogram(
-            "phds_time_per_output_token_seconds", "Mean gap between output tokens of a request, by k.", ["k"],
-            buckets=_TOKEN_BUCKETS, registry=r,
+            "phds_time_per_output_token_seconds",
+            "Mean gap between output tokens of a request, by k.",
+            ["k"],
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
         )
         self.auto_k_chosen = Counter("phds_auto_k_chosen", "k picked for k='auto' requests.", ["k"], registry=r)
         self.auto_k_latency_ms = Gauge(
-            "phds_auto_k_latency_ms", "Recent median per-token latency the auto-k policy sees, by k (ms).", ["k"],
+            "phds_auto_k_latency_ms",
+            "Recent median per-token latency the auto-k policy sees, by k (ms).",
+            ["k"],
             registry=r,
         )
         self.auto_k_target_ms = Gauge("phds_auto_k_target_ms", "The auto-k per-token latency target.", registry=r)

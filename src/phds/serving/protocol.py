@@ -41,7 +41,9 @@ class _SamplingFields(_Body):
     presence_penalty: float = Field(0.0, description="Only 0 is supported.")
     seed: int | None = Field(None, description="Seed for sampling (temperature > 0); greedy ignores it.")
     stop: str | list[str] | None = Field(
-        None, validate_default=True, description="Up to 4 strings; generation stops before the first one, which is not returned."
+        None,
+        validate_default=True,
+        description="Up to 4 strings; generation stops before the first one, which is not returned.",
     )
     stream: bool = Field(False, description="Stream the answer as server-sent events ending in `data: [DONE]`.")
     stream_options: StreamOptions | None = Field(None, description="Options for streaming (`include_usage`).")

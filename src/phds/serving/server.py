@@ -24,8 +24,12 @@ logger = logging.getLogger(__name__)
 
 def uvicorn_config(service: Service, config: ServeConfig, port: int | None = None) -> uvicorn.Config:
     return uvicorn.Config(
-        create_app(service, api_key=config.api_key), host=config.host, port=config.port if port is None else port,
-        timeout_graceful_shutdown=config.drain_timeout_s, log_level=config.log_level, access_log=False,
+        create_app(service, api_key=config.api_key),
+        host=config.host,
+        port=config.port if port is None else port,
+        timeout_graceful_shutdown=config.drain_timeout_s,
+        log_level=config.log_level,
+        access_log=False,
     )
 
 

@@ -83,9 +83,21 @@ class Service:
     Example: `service = Service.from_config(ServeConfig(model="tiny:olmoe", k_set=[1, 2, 4]))`.
     """
 
-    def __init__(self, *, model, tokenizer, runner: EngineRunner, ks: list[int], default_k: int, model_name: str,
-                 max_model_len: int, max_batch: int, max_queue: int, auto_policy: AutoKPolicy | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        model,
+        tokenizer,
+        runner: EngineRunner,
+        ks: list[int],
+        default_k: int,
+        model_name: str,
+        max_model_len: int,
+        max_batch: int,
+        max_queue: int,
+        auto_policy: AutoKPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if tokenizer is None:
             raise ValueError("`tokenizer` is required to serve text; the checkpoint has none")
         if default_k not in ks:
@@ -109,19 +121,30 @@ class Service:
         """Load the checkpoint, resolve its ks, build the engine and its runner (not started yet)."""
         from phds.engine import Engine  # the decode engine; imported here so protocol-only users need no torch
 
-        model, tokenizer = load(config.model, dtype=config.dtype, device=config.device,
-                                trust_remote_code=config.trust_remote_code)
+        model, tokenizer = load(
+            config.model, dtype=config.dtype, device=config.device, trust_remote_code=config.trust_remote_code
+        )
         ks, default_k = resolve_ks(model, config.k_set, config.default_k)
         max_model_len = config.max_model_len or model.config.get_text_config().max_position_embeddings
-        engine = Engine(model, tokenizer, max_batch_size=config.max_batch, max_seq_len=max_model_len,
-                        compile=config.compile)
+        engine = Engine(
+            model, tokenizer, max_batch_size=config.max_batch, max_seq_len=max_model_len, compile=config.compile
+        )
         policy = None
         if config.auto_target_ms is not None:
             policy = AutoKPolicy(ks=ks, target_ms=config.auto_target_ms, queue_step=config.auto_queue_step)
         name = config.served_model_name or served_name(config.model)
-        return cls(model=model, tokenizer=tokenizer, runner=EngineRunner(engine), ks=ks, default_k=default_k,
-                   model_name=name, max_model_len=max_model_len, max_batch=config.max_batch,
-                   max_queue=config.max_queue, auto_policy=policy)
+        return cls(
+            model=model,
+            tokenizer=tokenizer,
+            runner=EngineRunner(engine),
+            ks=ks,
+            default_k=default_k,
+            model_name=name,
+            max_model_len=max_model_len,
+            max_batch=config.max_batch,
+            max_queue=config.max_queue,
+            auto_policy=policy,
+        )
 
     # ------------------------------------------------------------------------------------------- model listing
 
@@ -160,8 +183,12 @@ class Service:
         if wanted is None:
             return self.default_k, False
         if wanted not in self.ks:
-            raise bad_request(f"`k`={wanted} is not declared by this checkpoint; allowed values: {self.ks}"
-                              + (" or 'auto'" if self.auto_policy is not None else ""), "k", "k_not_declared")
+            raise bad_request(
+                f"`k`={wanted} is not declared by this checkpoint; allowed values: {self.ks}"
+                + (" or 'auto'" if self.auto_policy is not None else ""),
+                "k",
+                "k_not_declared",
+            )
         return int(wanted), False
 
     def queue_depth(self) -> int:
@@ -199,20 +226,37 @@ class Service:
             raise shutting_down()
         room = self.max_model_len - len(prompt_ids)
         if room < 1:
-            raise bad_request(f"the prompt has {len(prompt_ids)} tokens; this model's maximum context length is "
-                              f"{self.max_model_len} (prompt plus completion)", "prompt", "context_length_exceeded")
+            raise bad_request(
+                f"the prompt has {len(prompt_ids)} tokens; this model's maximum context length is "
+                f"{self.max_model_len} (prompt plus completion)",
+                "prompt",
+                "context_length_exceeded",
+            )
         if max_tokens is not None and max_tokens > room:
-            raise bad_request(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds this "
-                              f"model's maximum context length {self.max_model_len}", "max_tokens",
-                              "context_length_exceeded")
+            raise bad_request(
+                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds this "
+                f"model's maximum context length {self.max_model_len}",
+                "max_tokens",
+                "context_length_exceeded",
+            )
         k, auto = self.resolve_k(request.model, request.k)
-        return Job(request_id=new_id("cmpl" if endpoint == "completions" else "chatcmpl"), endpoint=endpoint,
-                   model=request.model, prompt_ids=prompt_ids, k=k, auto=auto,
-                   max_new_tokens=max_tokens if max_tokens is not None else room,
-                   temperature=request.temperature, top_p=request.top_p, seed=request.seed,
-                   ignore_eos=request.ignore_eos, stop=list(request.stop), stream=request.stream,
-                   include_usage=bool(request.stream_options and request.stream_options.include_usage),
-                   return_token_ids=request.return_token_ids)
+        return Job(
+            request_id=new_id("cmpl" if endpoint == "completions" else "chatcmpl"),
+            endpoint=endpoint,
+            model=request.model,
+            prompt_ids=prompt_ids,
+            k=k,
+            auto=auto,
+            max_new_tokens=max_tokens if max_tokens is not None else room,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            seed=request.seed,
+            ignore_eos=request.ignore_eos,
+            stop=list(request.stop),
+            stream=request.stream,
+            include_usage=bool(request.stream_options and request.stream_options.include_usage),
+            return_token_ids=request.return_token_ids,
+        )
 
     # ------------------------------------------------------------------------------------------- generation
 
@@ -227,9 +271,14 @@ class Service:
         """Run `job` on the engine; yield text as it is released. Call `admit()` first."""
         from phds.engine import Request, SamplingParams
 
-        params = SamplingParams(max_new_tokens=job.max_new_tokens, temperature=job.temperature, top_p=job.top_p,
-                                seed=job.seed, ignore_eos=job.ignore_eos,
-                                stop_token_ids=() if job.ignore_eos else self.eos_token_ids)
+        params = SamplingParams(
+            max_new_tokens=job.max_new_tokens,
+            temperature=job.temperature,
+            top_p=job.top_p,
+            seed=job.seed,
+            ignore_eos=job.ignore_eos,
+            stop_token_ids=() if job.ignore_eos else self.eos_token_ids,
+        )
         request = Request(request_id=job.request_id, prompt_ids=job.prompt_ids, k=job.k, params=params)
         label = str(job.k)
         arrived = self.clock()
@@ -275,8 +324,9 @@ class Service:
             outcome.finish_reason = piece.finish_reason or outcome.finish_reason
         return outcome
 
-    def _record(self, job: Job, label: str, arrived: float, first: float | None, last: float | None, count: int,
-                done: bool) -> None:
+    def _record(
+        self, job: Job, label: str, arrived: float, first: float | None, last: float | None, count: int, done: bool
+    ) -> None:
         self.metrics.prompt_tokens.labels(k=label).inc(len(job.prompt_ids))
         self.metrics.generation_tokens.labels(k=label).inc(count)
         if first is not None:
@@ -292,9 +342,15 @@ class Service:
                     self.metrics.auto_k_latency_ms.labels(k=label).set(latency)
 
     def health(self) -> dict:
-        return {"status": "draining" if self.closing else ("ok" if self.runner.alive else "starting"),
-                "model": self.model_name, "ks": self.ks, "default_k": self.default_k,
-                "running": self.runner.num_running, "in_flight": self.in_flight, "queue_depth": self.queue_depth()}
+        return {
+            "status": "draining" if self.closing else ("ok" if self.runner.alive else "starting"),
+            "model": self.model_name,
+            "ks": self.ks,
+            "default_k": self.default_k,
+            "running": self.runner.num_running,
+            "in_flight": self.in_flight,
+            "queue_depth": self.queue_depth(),
+        }
 
 
 def _finish_reason(event) -> str:
