@@ -169,6 +169,9 @@ class RichProgressCallback(TrainerCallback):
             self.progress.console.log(f"step {state.global_step} validation loss {losses}")
 
     def on_train_end(self, args, state: TrainerState, control: TrainerControl, **kwargs):
+        self.close()
+
+    def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None

@@ -347,12 +347,18 @@ def train(
         mask_epsilon=config.mask_epsilon,
         renormalize=config.renormalize,
     )
+    progress = None
     if not config.disable_tqdm:
+        progress = RichProgressCallback(phds_callback)
         trainer.remove_callback(transformers.trainer_callback.ProgressCallback)
-        trainer.add_callback(RichProgressCallback(phds_callback))
+        trainer.add_callback(progress)
 
     # --- train
-    output = trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        output = trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        if progress is not None:
+            progress.close()  # also when training raised, so the terminal is left usable
     if eval_rows is not None:
         evaluated = {entry.get("step") for entry in trainer.state.log_history if "eval_loss" in entry}
         if trainer.state.global_step not in evaluated:

@@ -68,12 +68,18 @@ class PHDSTrainer(SFTTrainer):
     ) -> EvalLoopOutput:
         losses: dict[int, float] = {}
         last: EvalLoopOutput | None = None
-        for k in self.eval_ks:
-            with dial.sparsity(self.model, k, epsilon=self.mask_epsilon, renormalize=self.renormalize):
-                last = super().evaluation_loop(
-                    dataloader, f"{description} at k={k}", prediction_loss_only, ignore_keys, metric_key_prefix
-                )
-            losses[k] = float(last.metrics[f"{metric_key_prefix}_loss"])
+        # Validation loss is the language-modelling loss alone: the load-balancing term differs between ks and
+        # would bias the comparison and the selection.
+        aux_loss_enabled, self.aux_loss_enabled = self.aux_loss_enabled, False
+        try:
+            for k in self.eval_ks:
+                with dial.sparsity(self.model, k, epsilon=self.mask_epsilon, renormalize=self.renormalize):
+                    last = super().evaluation_loop(
+                        dataloader, f"{description} at k={k}", prediction_loss_only, ignore_keys, metric_key_prefix
+                    )
+                losses[k] = float(last.metrics[f"{metric_key_prefix}_loss"])
+        finally:
+            self.aux_loss_enabled = aux_loss_enabled
         metrics = dict(last.metrics)
         for k, loss in losses.items():
             metrics[eval_loss_key(k).replace("eval", metric_key_prefix, 1)] = loss
