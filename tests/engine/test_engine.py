@@ -97,3 +97,16 @@ def test_duplicate_request_id_is_rejected():
     engine.add(Request(request_id="r", prompt_ids=[1, 5], k=2, params=SamplingParams()))
     with pytest.raises(ValueError, match="request_id"):
         engine.add(Request(request_id="r", prompt_ids=[1, 5], k=2, params=SamplingParams()))
+
+
+def test_sliding_window_rows_longer_than_the_window_match_generate():
+    model = phds.tiny_model("gpt_oss")  # sliding_window=16 on every other layer
+    prompts = [list(range(4, 26)), [1, 9, 9]]
+    outputs = Engine(model).generate(prompts, [2, 3], SamplingParams(max_new_tokens=12, ignore_eos=True))
+    for prompt, k, output in zip(prompts, [2, 3], outputs, strict=True):
+        with phds.sparsity(model, k):
+            ids = torch.tensor([prompt])
+            ref = model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12, do_sample=False
+            )
+        assert output == ref[0, len(prompt) :].tolist()

@@ -14,9 +14,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
 from phds import dial
+from phds.engine.cache import SlotCache, attention_masks
 from phds.engine.sampling import SamplingParams, choose_tokens, make_generator
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,6 @@ class TokenEvent:
 class _Row:
     request: Request
     generator: torch.Generator | None
-    cache: DynamicCache
     length: int  # tokens in the cache
     last_token: int = -1
     generated: int = 0
@@ -95,7 +94,10 @@ class Engine:
         self.device = next(model.parameters()).device
         self.eos_ids = _eos_ids(model, tokenizer)
         self._waiting: deque[Request] = deque()
-        self._running: dict[str, _Row] = {}
+        self._rows: list[_Row] = []  # running rows; row i lives in cache row i
+        self.config = model.config
+        self.dtype = next(model.parameters()).dtype
+        self.cache = SlotCache(num_layers=config.num_hidden_layers, num_rows=max_batch_size, max_len=max_seq_len)
         self._cancelled: set[str] = set()
 
     # ------------------------------------------------------------------ queue
@@ -119,21 +121,24 @@ class Engine:
             raise ValueError(
                 f"`prompt_ids` has {len(prompt)} tokens; it must be shorter than max_seq_len={self.max_seq_len}"
             )
-        if request.request_id in self._running or any(r.request_id == request.request_id for r in self._waiting):
+        if request.request_id in self._running_ids() or any(r.request_id == request.request_id for r in self._waiting):
             raise ValueError(f"`request_id` {request.request_id!r} is already waiting or running")
         self._cancelled.discard(request.request_id)
         self._waiting.append(request)
 
     def cancel(self, request_id: str) -> None:
         """Cancel a waiting or running request; its slot is freed (and a "cancelled" event sent) at the next step."""
-        if request_id in self._running or any(r.request_id == request_id for r in self._waiting):
+        if request_id in self._running_ids() or any(r.request_id == request_id for r in self._waiting):
             self._cancelled.add(request_id)
 
+    def _running_ids(self) -> set[str]:
+        return {row.request.request_id for row in self._rows}
+
     def has_work(self) -> bool:
-        return bool(self._waiting or self._running or self._cancelled)
+        return bool(self._waiting or self._rows or self._cancelled)
 
     def num_running(self) -> int:
-        return len(self._running)
+        return len(self._rows)
 
     def num_waiting(self) -> int:
         return len(self._waiting)
@@ -143,9 +148,12 @@ class Engine:
     def step(self) -> list[TokenEvent]:
         """Free cancelled rows, admit waiting requests into free rows, and decode one token for every running row."""
         events = self._drop_cancelled()
-        decoding = list(self._running.values())
-        while self._waiting and len(self._running) < self.max_batch_size:
-            events.extend(self._admit(self._waiting.popleft()))
+        decoding = len(self._rows)
+        joining = []
+        while self._waiting and decoding + len(joining) < self.max_batch_size:
+            joining.append(self._waiting.popleft())
+        if joining:
+            events.extend(self._admit(joining))
         if decoding:
             events.extend(self._decode(decoding))
         return events
@@ -177,47 +185,74 @@ class Engine:
     def _drop_cancelled(self) -> list[TokenEvent]:
         events = []
         for request_id in sorted(self._cancelled):
-            if self._running.pop(request_id, None) is not None or any(
-                r.request_id == request_id for r in self._waiting
-            ):
-                events.append(TokenEvent(request_id, None, True, "cancelled"))
+            if request_id in self._running_ids():
+                self._remove(request_id)
+            elif not any(r.request_id == request_id for r in self._waiting):
+                continue
+            events.append(TokenEvent(request_id, None, True, "cancelled"))
         self._waiting = deque(r for r in self._waiting if r.request_id not in self._cancelled)
         self._cancelled.clear()
         return events
 
-    @torch.no_grad()
-    def _forward(self, input_ids_BS: torch.Tensor, cache: DynamicCache, k: int, past: int) -> torch.Tensor:
-        positions = torch.arange(past, past + input_ids_BS.shape[1], device=self.device).unsqueeze(0)
-        with dial.sparsity(self.model, k):
+    def _forward(self, first_row: int, rows: list[_Row], input_ids_BQ: torch.Tensor, lengths_B: list[int]):
+        """One forward over cache rows `first_row...`: row b's tokens go at its current length; returns (B, V)
+        logits at each row's last real token (prefill rows are right-padded to the longest prompt)."""
+        num_new = input_ids_BQ.shape[1]
+        begin = [row.length if num_new == 1 else 0 for row in rows]
+        self.cache.prepare(first_row, begin, num_new, self.device)
+        begin_B = self.cache.begin_B
+        lengths = torch.tensor(lengths_B, device=self.device)
+        masks = attention_masks(self.config, begin_B, lengths, num_new, self.cache.span, self.dtype)
+        positions_BQ = begin_B.unsqueeze(1) + torch.arange(num_new, device=self.device)
+        last_B1 = (lengths - 1 - begin_B).unsqueeze(1)
+        ks = [row.request.k for row in rows]
+        k = ks[0] if len(set(ks)) == 1 else torch.tensor(ks, device=self.device)
+        with torch.inference_mode(), dial.sparsity(self.model, k):
             out = self.model(
-                input_ids=input_ids_BS,
-                past_key_values=cache,
+                input_ids=input_ids_BQ,
+                attention_mask=masks,
+                position_ids=positions_BQ,
+                past_key_values=self.cache,
                 use_cache=True,
-                position_ids=positions,
-                cache_position=positions[0],
-                logits_to_keep=1,
+                logits_to_keep=last_B1,
             )
-        return out.logits[:, -1]
+        return out.logits[:, 0]
 
-    def _admit(self, request: Request) -> list[TokenEvent]:
-        prompt = torch.tensor([request.prompt_ids], device=self.device)
-        cache = DynamicCache(config=self.model.config)
-        logits_1V = self._forward(prompt, cache, request.k, 0)
-        row = _Row(request, make_generator(request.params, self.device), cache, length=prompt.shape[1])
-        self._running[request.request_id] = row
-        return self._emit([row], logits_1V)
+    def _admit(self, requests: list[Request]) -> list[TokenEvent]:
+        """Prefill `requests` together into the rows after the running ones."""
+        first_row = len(self._rows)
+        rows = [_Row(r, make_generator(r.params, self.device), length=0) for r in requests]
+        longest = max(len(r.prompt_ids) for r in requests)
+        pad = self.config.pad_token_id if isinstance(getattr(self.config, "pad_token_id", None), int) else 0
+        input_ids = torch.tensor(
+            [r.prompt_ids + [pad] * (longest - len(r.prompt_ids)) for r in requests], device=self.device
+        )
+        logits_BV = self._forward(first_row, rows, input_ids, [len(r.prompt_ids) for r in requests])
+        for row, request in zip(rows, requests, strict=True):
+            row.length = len(request.prompt_ids)
+        self._rows.extend(rows)
+        return self._emit(rows, logits_BV)
 
-    def _decode(self, rows: list[_Row]) -> list[TokenEvent]:
-        logits = []
+    def _decode(self, num_rows: int) -> list[TokenEvent]:
+        rows = self._rows[:num_rows]
+        input_ids = torch.tensor([[row.last_token] for row in rows], device=self.device)
+        logits_BV = self._forward(0, rows, input_ids, [row.length + 1 for row in rows])
         for row in rows:
-            token = torch.tensor([[row.last_token]], device=self.device)
-            logits.append(self._forward(token, row.cache, row.request.k, row.length))
             row.length += 1
-        return self._emit(rows, torch.cat(logits))
+        return self._emit(rows, logits_BV)
+
+    def _remove(self, request_id: str) -> None:
+        """Free a row: the last running row moves into its place, so running rows stay rows 0..n-1."""
+        index = next(i for i, row in enumerate(self._rows) if row.request.request_id == request_id)
+        last = len(self._rows) - 1
+        if index != last:
+            self.cache.move_row(last, index)
+            self._rows[index] = self._rows[last]
+        self._rows.pop()
 
     def _emit(self, rows: list[_Row], logits_BV: torch.Tensor) -> list[TokenEvent]:
         tokens = choose_tokens(logits_BV, [r.request.params for r in rows], [r.generator for r in rows])
-        events = []
+        events, finished = [], []
         for row, token in zip(rows, tokens, strict=True):
             row.last_token = token
             row.generated += 1
@@ -228,8 +263,10 @@ class Engine:
             elif row.generated >= params.max_new_tokens or row.length + 1 >= self.max_seq_len:
                 reason = "length"
             if reason is not None:
-                del self._running[row.request.request_id]
+                finished.append(row.request.request_id)
             events.append(TokenEvent(row.request.request_id, token, reason is not None, reason))
+        for request_id in finished:
+            self._remove(request_id)
         return events
 
 

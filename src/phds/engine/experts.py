@@ -105,9 +105,8 @@ def phds_experts_forward(
         expert_S, order_S = torch.sort(expert_TK.reshape(-1)[slot_S], stable=True)
         slot_S = slot_S[order_S]
         token_S = torch.div(slot_S, num_slots, rounding_mode="floor")
-    out_TD = hidden_states.new_zeros(num_tokens, hidden_dim)
     if slot_S.numel() == 0:
-        return out_TD
+        return hidden_states.new_zeros(num_tokens, hidden_dim)
     x_SD = hidden_states[token_S]
     if slot_S.numel() <= _LOOP_MAX_PAIRS:
         y_SD = _pairs_loop(self, x_SD, expert_S)
@@ -116,7 +115,12 @@ def phds_experts_forward(
     if self.has_post_expert_norm:
         y_SD = self.post_expert_norm(y_SD)
     y_SD = y_SD * weights_TK.reshape(-1)[slot_S].unsqueeze(-1).to(y_SD.dtype)
-    return out_TD.index_add(0, token_S, y_SD.to(out_TD.dtype))
+    # Scatter into a (T*K, D) buffer and sum over K: deterministic, and unlike `index_add` (which the eager
+    # experts use) it has no parallel path that stalls for milliseconds when the other cores are busy.
+    slots_SD = hidden_states.new_zeros(num_tokens * num_slots, hidden_dim).index_copy(
+        0, slot_S, y_SD.to(hidden_states.dtype)
+    )
+    return slots_SD.view(num_tokens, num_slots, hidden_dim).sum(dim=1)
 
 
 def register() -> None:
