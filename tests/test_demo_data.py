@@ -105,13 +105,13 @@ def test_pretraining_sft_and_validation_use_different_instances(data):
 
 
 def test_split_of_is_a_fixed_partition_of_the_instance_space():
-    owners = Counter(split_of("add", f"ADD {a}+{b}") for a in range(100) for b in range(100))
+    owners = Counter(split_of("copy", f"CPY {n:04d}") for n in range(10000))
     assert set(owners) == {"eval", "sft_valid", "sft_train", "pretrain"}
-    # About 10% / 5% / 25% / 60% of the 10,000 sums.
-    assert 800 < owners["eval"] < 1200 and 350 < owners["sft_valid"] < 650
-    assert 2200 < owners["sft_train"] < 2800 and 5600 < owners["pretrain"] < 6400
+    # About 15% / 10% / 25% / 50% of 10,000 instances.
+    assert 1300 < owners["eval"] < 1700 and 800 < owners["sft_valid"] < 1200
+    assert 2200 < owners["sft_train"] < 2800 and 4600 < owners["pretrain"] < 5400
     # Pinned: changing the hash would reshuffle every split and silently change what the demo evaluates.
-    pinned = {("add", "ADD 12+7"): "sft_train", ("add", "ADD 2+2"): "sft_valid", ("sequence", "SEQ 1,2,3"): "pretrain"}
+    pinned = {("add", "ADD 12+7"): "sft_valid", ("add", "ADD 2+2"): "eval", ("copy", "CPY abc"): "sft_train"}
     assert {key: split_of(*key) for key in pinned} == pinned
 
 
@@ -226,6 +226,8 @@ def test_bad_arguments_raise_value_error_naming_the_parameter(kwargs, parameter)
 
 
 def test_asking_for_more_distinct_items_than_a_skill_holds_raises():
-    # The sequence skill has about 1,900 instances, about 190 of them reserved for evaluation.
+    # The add skill has 1,000 instances, about 150 of them reserved for evaluation and 100 for validation.
     with pytest.raises(ValueError, match="n_eval"):
-        make_demo_data(n_pretrain=0, n_sft=0, n_valid=0, n_eval=2000, skills=("sequence",))
+        make_demo_data(n_pretrain=0, n_sft=0, n_valid=0, n_eval=300, skills=("add",))
+    with pytest.raises(ValueError, match="n_valid"):
+        make_demo_data(n_pretrain=0, n_sft=0, n_valid=200, n_eval=0, skills=("add",))

@@ -7,7 +7,7 @@ Every example is one *instance* of a skill: a body that starts with the skill's 
     SFT / evaluation   prompt "Q:ADD 12+7? A:"  completion "19"
 
 Splits are disjoint by construction: a stable hash of (skill, body) puts every instance of the instance space into one
-fixed bucket (evaluation 10%, SFT validation 5%, SFT training 25%, pretraining 60%), independent of the seed. So no
+fixed bucket (evaluation 15%, SFT validation 10%, SFT training 25%, pretraining 50%), independent of the seed. So no
 seed's evaluation item is ever a training item of any seed, and `make_demo_data` only has to sample inside buckets.
 """
 
@@ -25,14 +25,14 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SKILLS: tuple[str, ...] = ("add", "reverse", "sort", "recall", "sequence", "copy")
-SPLITS: tuple[str, ...] = ("eval", "sft_valid", "sft_train", "pretrain")
 # Which of 100 hash buckets each split owns; see the module docstring.
 _SPLIT_BUCKETS = {
-    "eval": range(0, 10),
-    "sft_valid": range(10, 15),
-    "sft_train": range(15, 40),
-    "pretrain": range(40, 100),
+    "eval": range(0, 15),
+    "sft_valid": range(15, 25),
+    "sft_train": range(25, 50),
+    "pretrain": range(50, 100),
 }
+SPLITS: tuple[str, ...] = tuple(_SPLIT_BUCKETS)
 _FILES = {
     "pretrain": "pretrain.txt",
     "sft_train": "sft_train.jsonl",
@@ -40,7 +40,8 @@ _FILES = {
     "eval_mc": "eval_mc.jsonl",
     "eval_em": "eval_em.jsonl",
 }
-# Even the smallest split (5%) accepts a fresh draw with p >= 0.05, so 5000 misses in a row means it is used up.
+# Every split owns at least 10% of each skill's space, so while it has unseen instances left about one draw in 10 lands
+# there; 5000 misses in a row means it is used up.
 _MAX_MISSES = 5000
 _LETTERS = string.ascii_lowercase
 _ALNUM = string.ascii_lowercase + string.digits
@@ -106,11 +107,12 @@ def _near_misses(rng: random.Random, gold: str, alphabet: str) -> tuple[str, ...
 
 
 def _add(rng: random.Random) -> Instance:
-    # Two-digit addition with carries: a tiny model gets the last digit right long before the whole sum.
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    # A one- or two-digit number plus a digit: a table of digit sums (feed-forward memory, i.e. expert capacity) and a
+    # carry. Two two-digit operands stay near zero exact match for a tiny model trained for a few minutes.
+    a, b = rng.randint(0, 99), rng.randint(0, 9)
     total = a + b
     near = [total + d for d in (-11, -10, -9, -2, -1, 1, 2, 9, 10, 11)]
-    wrong = _wrong_answers(rng, str(total), [str(n) for n in near if n >= 0], lambda: str(rng.randint(0, 198)))
+    wrong = _wrong_answers(rng, str(total), [str(n) for n in near if n >= 0], lambda: str(rng.randint(0, 108)))
     return Instance("add", f"ADD {a}+{b}", str(total), wrong)
 
 
@@ -141,11 +143,11 @@ def _recall(rng: random.Random) -> Instance:
 
 
 def _sequence(rng: random.Random) -> Instance:
-    # Counting by a step: continue an arithmetic progression (up or down, step 1-5) that stays within 0..99.
-    # Larger steps make it two-digit arithmetic again, which a tiny model barely learns (that is the `add` skill).
+    # Counting by a step: continue an arithmetic progression (up or down, step 1-3) that stays within 0..99.
+    # Larger steps make it harder arithmetic than the `add` skill, which a tiny model barely learns.
     n_terms = rng.randint(3, 4)
     while True:
-        start, step = rng.randint(0, 99), rng.choice([s for s in range(-5, 6) if s != 0])
+        start, step = rng.randint(0, 99), rng.choice([-3, -2, -1, 1, 2, 3])
         terms = [start + i * step for i in range(n_terms + 1)]
         if all(0 <= t <= 99 for t in terms):
             break
