@@ -12,8 +12,24 @@ runner = CliRunner()
 
 def test_phds_eval_writes_the_report_and_prints_a_table(task_dir, tmp_path):
     out = tmp_path / "out"
-    result = runner.invoke(app, ["eval", "tiny:olmoe", "--k", "1,4", "--tasks", f"{task_dir}/mc.jsonl,{task_dir}/text.txt",
-                                 "--out", str(out), "--no-latency", "--device", "cpu", "--max-length", "64"])
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "tiny:olmoe",
+            "--k",
+            "1,4",
+            "--tasks",
+            f"{task_dir}/mc.jsonl,{task_dir}/text.txt",
+            "--out",
+            str(out),
+            "--no-latency",
+            "--device",
+            "cpu",
+            "--max-length",
+            "64",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "acc_norm" in result.output and "ppl" in result.output
     results = json.loads((out / "results.json").read_text())
@@ -22,12 +38,27 @@ def test_phds_eval_writes_the_report_and_prints_a_table(task_dir, tmp_path):
 
 
 def test_phds_sweep_and_compare_run_from_the_command_line(task_dir, tmp_path):
-    result = runner.invoke(app, ["sweep", "tiny:olmoe", "--k", "2-4", "--tasks", f"{task_dir}/mc.jsonl",
-                                 "--out", str(tmp_path / "sweep"), "--no-latency", "--device", "cpu"])
+    result = runner.invoke(
+        app,
+        [
+            "sweep",
+            "tiny:olmoe",
+            "--k",
+            "2-4",
+            "--tasks",
+            f"{task_dir}/mc.jsonl",
+            "--out",
+            str(tmp_path / "sweep"),
+            "--no-latency",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "verdict:" in result.output
-    result = runner.invoke(app, ["compare", str(tmp_path / "sweep"), str(tmp_path / "sweep"), "--out",
-                                 str(tmp_path / "cmp")])
+    result = runner.invoke(
+        app, ["compare", str(tmp_path / "sweep"), str(tmp_path / "sweep"), "--out", str(tmp_path / "cmp")]
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "cmp" / "compare.md").is_file()
 

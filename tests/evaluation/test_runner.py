@@ -20,10 +20,21 @@ FAST_LATENCY = LatencyConfig(prompt_tokens=8, new_tokens=2, repeats=1)
 @pytest.fixture(scope="module")
 def run(tiny, task_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
-    tasks = [str(task_dir / f) for f in ("mc.jsonl", "wino.jsonl", "lamb.jsonl", "gsm.jsonl", "simple.jsonl",
-                                         "text.txt")]
-    results = evaluate(tiny, [1, 2, 4], tasks, out_dir=out, max_new_tokens=6, batch_size=3, max_length=64,
-                       latency=FAST_LATENCY, model_name="tiny-olmoe", progress=False)
+    tasks = [
+        str(task_dir / f) for f in ("mc.jsonl", "wino.jsonl", "lamb.jsonl", "gsm.jsonl", "simple.jsonl", "text.txt")
+    ]
+    results = evaluate(
+        tiny,
+        [1, 2, 4],
+        tasks,
+        out_dir=out,
+        max_new_tokens=6,
+        batch_size=3,
+        max_length=64,
+        latency=FAST_LATENCY,
+        model_name="tiny-olmoe",
+        progress=False,
+    )
     return results, out
 
 
@@ -31,8 +42,14 @@ def test_results_hold_every_task_and_k_with_cis(run):
     results, _ = run
     assert results["ks"] == [1, 2, 4] and results["model"] == "tiny-olmoe" and results["method"] == "base"
     assert set(results["tasks"]) == {"mc", "wino", "lamb", "gsm", "simple", "text"}
-    expected = {"mc": {"acc", "acc_norm"}, "wino": {"acc"}, "lamb": {"acc", "ppl"}, "gsm": {"exact_match"},
-                "simple": {"exact_match"}, "text": {"ppl"}}
+    expected = {
+        "mc": {"acc", "acc_norm"},
+        "wino": {"acc"},
+        "lamb": {"acc", "ppl"},
+        "gsm": {"exact_match"},
+        "simple": {"exact_match"},
+        "text": {"ppl"},
+    }
     for name, task in results["tasks"].items():
         for k in ("1", "2", "4"):
             assert set(task["metrics"][k]) == expected[name]
@@ -64,8 +81,14 @@ def test_dialling_k_changes_the_scores(run):
 
 
 def test_a_model_at_k_agrees_with_itself_at_k_completely(tiny, task_dir, run):
-    again = evaluate(tiny, [2], [str(task_dir / "mc.jsonl"), str(task_dir / "text.txt")], max_length=64,
-                     latency=False, progress=False)
+    again = evaluate(
+        tiny,
+        [2],
+        [str(task_dir / "mc.jsonl"), str(task_dir / "text.txt")],
+        max_length=64,
+        latency=False,
+        progress=False,
+    )
     for name in ("mc", "text"):
         first = run[0]["tasks"][name]["items"]["2"]["prediction"]
         assert agreement(first, again["tasks"][name]["items"]["2"]["prediction"], positionwise=name == "text") == 1.0
@@ -81,7 +104,11 @@ def test_outputs_are_written_with_every_prediction(run):
     for name, task in results["tasks"].items():
         assert per_task[name] == 3 * task["n"]
     mc = next(r for r in records if r["task"] == "mc" and r["k"] == 4 and r["index"] == 1)
-    assert mc["line"] == 2 and len(mc["logprobs"]) == 3 and mc["prediction"] == max(range(3), key=mc["logprobs"].__getitem__)
+    assert (
+        mc["line"] == 2
+        and len(mc["logprobs"]) == 3
+        and mc["prediction"] == max(range(3), key=mc["logprobs"].__getitem__)
+    )
     report = (out / "report.md").read_text()
     assert "## mc (mc, n=5" in report and "agreement" in report and "decode ms/token" in report
     for plot in ("frontier.png", "agreement.png"):
@@ -128,7 +155,14 @@ def test_bad_input_fails_before_any_model_work(tiny, task_dir, tmp_path):
 def test_a_saved_checkpoint_brings_its_sidecar_and_declared_ks(tiny, task_dir, tmp_path):
     model, tok = tiny
     phds.save(model, tmp_path / "ckpt", tokenizer=tok, sidecar=phds.Sidecar(ks=[1, 2], k_pre=4, method="phds"))
-    results = evaluate(str(tmp_path / "ckpt"), None, [str(task_dir / "mc.jsonl")], limit=2, latency=False,
-                       device="cpu", progress=False)
+    results = evaluate(
+        str(tmp_path / "ckpt"),
+        None,
+        [str(task_dir / "mc.jsonl")],
+        limit=2,
+        latency=False,
+        device="cpu",
+        progress=False,
+    )
     assert results["ks"] == [1, 2] and results["method"] == "phds" and results["sidecar"]["ks"] == [1, 2]
     assert results["tasks"]["mc"]["n"] == 2

@@ -52,8 +52,11 @@ def test_batched_scores_equal_batch_size_one(tiny, task_dir):
 def test_batched_scores_equal_batch_size_one_with_per_row_routing_too(tiny, task_dir):
     """A tensor k routes at k_max and zeroes dropped slots; padding must not leak through that path either."""
     model, tok = tiny
-    requests = [scoring.encode_pair(tok, c, x, 256) for item in build_requests(load_task(task_dir / "mc.jsonl"), 10)
-                for c, x in item.pairs]
+    requests = [
+        scoring.encode_pair(tok, c, x, 256)
+        for item in build_requests(load_task(task_dir / "mc.jsonl"), 10)
+        for c, x in item.pairs
+    ]
     with phds.sparsity(model, 2, epsilon=1e-9):
         single = scoring.loglikelihoods(model, requests, batch_size=1)
         batched = scoring.loglikelihoods(model, requests, batch_size=4)

@@ -14,15 +14,32 @@ from phds.evaluation.sweep import verdict
 def _synthetic(model: str, method: str, per_k_acc: dict[int, list[float]], sidecar_ks=None) -> dict:
     """A results dict with one mc task whose per-item accuracy (and predictions) we choose."""
     ks = sorted(per_k_acc)
-    items = {str(k): {"prediction": [int(a) for a in acc], "acc": acc, "acc_norm": acc} for k, acc in per_k_acc.items()}
+    items = {
+        str(k): {"prediction": [int(a) for a in acc], "acc": acc, "acc_norm": acc} for k, acc in per_k_acc.items()
+    }
     metrics = {str(k): {m: summarise(m, items[str(k)]) for m in ("acc", "acc_norm")} for k in ks}
     return {
-        "model": model, "method": method, "ks": ks, "k_pre": 4, "num_experts": 8,
+        "model": model,
+        "method": method,
+        "ks": ks,
+        "k_pre": 4,
+        "num_experts": 8,
         "sidecar": {"ks": sidecar_ks or ks, "method": method} if method != "base" else None,
-        "active_params": {str(k): 1000 * k for k in ks}, "latency": {}, "settings": {"seed": 0},
-        "tasks": {"mc": {"kind": "mc", "n": len(per_k_acc[ks[0]]), "digest": "same-items", "primary": "acc_norm",
-                         "higher_is_better": True, "metrics": metrics, "items": items,
-                         "agreement": {"ks": ks, "matrix": [[1.0 if i == j else 0.5 for j in ks] for i in ks]}}},
+        "active_params": {str(k): 1000 * k for k in ks},
+        "latency": {},
+        "settings": {"seed": 0},
+        "tasks": {
+            "mc": {
+                "kind": "mc",
+                "n": len(per_k_acc[ks[0]]),
+                "digest": "same-items",
+                "primary": "acc_norm",
+                "higher_is_better": True,
+                "metrics": metrics,
+                "items": items,
+                "agreement": {"ks": ks, "matrix": [[1.0 if i == j else 0.5 for j in ks] for i in ks]},
+            }
+        },
     }
 
 
@@ -44,7 +61,9 @@ def test_compare_marks_significant_and_not_significant_differences(tmp_path):
     out = compare([worse, phds_result], tmp_path / "cmp")
     assert out["reference"] == "phds-model (phds)"
     rows = {row["k"]: row for row in out["tasks"]["mc"]}
-    assert rows[1]["diffs"]["base-model"]["significant"] and rows[1]["diffs"]["base-model"]["diff"] == pytest.approx(-0.65)
+    assert rows[1]["diffs"]["base-model"]["significant"] and rows[1]["diffs"]["base-model"]["diff"] == pytest.approx(
+        -0.65
+    )
     assert not rows[2]["diffs"]["base-model"]["significant"]
     text = (tmp_path / "cmp" / "compare.md").read_text()
     assert "+0.000 [+0.000, +0.000] n.s." in text and "-0.650" in text
@@ -91,8 +110,15 @@ def test_sweep_probes_every_k_up_to_k_pre_and_writes_a_verdict(tiny, task_dir, t
 
 def test_compare_reads_results_written_by_evaluate(tiny, task_dir, tmp_path):
     for name, ks in (("a", [1, 2]), ("b", [2])):
-        evaluate(tiny, ks, [str(task_dir / "mc.jsonl")], out_dir=tmp_path / name, latency=False, progress=False,
-                 model_name=name)
+        evaluate(
+            tiny,
+            ks,
+            [str(task_dir / "mc.jsonl")],
+            out_dir=tmp_path / name,
+            latency=False,
+            progress=False,
+            model_name=name,
+        )
     out = compare([tmp_path / "a", tmp_path / "b" / "results.json"], tmp_path / "cmp")
     row = next(r for r in out["tasks"]["mc"] if r["k"] == 2)
     assert row["diffs"]["b"]["diff"] == 0.0 and not row["diffs"]["b"]["significant"]

@@ -12,8 +12,10 @@ from phds.cli import app
 from phds.cli.common import console, parse_ks, user_errors
 
 MODEL_HELP = "Checkpoint directory, hub name, or tiny:<family> (e.g. tiny:olmoe)."
-TASKS_HELP = ("Comma-separated task specs: .jsonl / .txt paths or names in $PHDS_DATA (eval/<name>.jsonl, "
-              "text/<name>.txt), e.g. copa,wikitext2_valid.")
+TASKS_HELP = (
+    "Comma-separated task specs: .jsonl / .txt paths or names in $PHDS_DATA (eval/<name>.jsonl, "
+    "text/<name>.txt), e.g. copa,wikitext2_valid."
+)
 
 
 def _tasks(text: str) -> list[str]:
@@ -33,14 +35,26 @@ def _summary(results: dict) -> None:
         metric = task["primary"]
         table.add_row(name, metric, *(f"{task['metrics'][str(k)][metric]['value']:.3f}" for k in results["ks"]))
     if results["latency"]:
-        table.add_row("latency", "decode ms/token",
-                      *(f"{results['latency'][str(k)]['decode_ms_per_token']:.2f}" for k in results["ks"]))
+        table.add_row(
+            "latency",
+            "decode ms/token",
+            *(f"{results['latency'][str(k)]['decode_ms_per_token']:.2f}" for k in results["ks"]),
+        )
     console.print(table)
 
 
 def _common_kwargs(limit, num_fewshot, batch_size, max_new_tokens, seed, latency, max_length, ppl_stride, device):
-    return dict(limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                seed=seed, latency=latency, max_length=max_length, ppl_stride=ppl_stride, device=device)
+    return dict(
+        limit=limit,
+        num_fewshot=num_fewshot,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        latency=latency,
+        max_length=max_length,
+        ppl_stride=ppl_stride,
+        device=device,
+    )
 
 
 LIMIT = typer.Option(None, help="First N items per task (windows for perplexity) -- for quick runs.")
@@ -76,9 +90,16 @@ def eval_command(
 
     ks = parse_ks(k) if k is not None else None
     with user_errors():
-        results = evaluate(model, ks, _tasks(tasks), out_dir=out, model_name=model_name,
-                           **_common_kwargs(limit, num_fewshot, batch_size, max_new_tokens, seed, latency,
-                                            max_length, ppl_stride, device))
+        results = evaluate(
+            model,
+            ks,
+            _tasks(tasks),
+            out_dir=out,
+            model_name=model_name,
+            **_common_kwargs(
+                limit, num_fewshot, batch_size, max_new_tokens, seed, latency, max_length, ppl_stride, device
+            ),
+        )
     _summary(results)
     console.print(f"wrote {out}/results.json, predictions.jsonl, report.md, frontier.png, agreement.png")
 
@@ -105,9 +126,16 @@ def sweep_command(
 
     ks = parse_ks(k) if k is not None else None
     with user_errors():
-        results = sweep(model, ks, _tasks(tasks), out, tolerance=tolerance,
-                        **_common_kwargs(limit, num_fewshot, batch_size, max_new_tokens, seed, latency,
-                                         max_length, ppl_stride, device))
+        results = sweep(
+            model,
+            ks,
+            _tasks(tasks),
+            out,
+            tolerance=tolerance,
+            **_common_kwargs(
+                limit, num_fewshot, batch_size, max_new_tokens, seed, latency, max_length, ppl_stride, device
+            ),
+        )
     _summary(results)
     console.print(f"[bold]verdict:[/] {results['verdict']}")
 
@@ -127,8 +155,9 @@ def compare_command(
     console.print(f"wrote {out}/compare.md, compare.json, frontier.png")
 
 
-@app.command("lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-             add_help_option=False)
+@app.command(
+    "lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False
+)
 def lm_eval_command(ctx: typer.Context) -> None:
     """lm-evaluation-harness's CLI with the `phds` model registered: phds lm-eval --model phds --model_args
     pretrained=DIR,k=2 --tasks ... (all arguments go to lm-eval)."""

@@ -106,12 +106,17 @@ def compare(
             ref_task = reference["tasks"].get(task_name)
             if ref_task is None or str(k0) not in ref_task["metrics"] or str(k0) not in task["metrics"]:
                 continue
-            oracle_rows.append({
-                "task": task_name, "k": k0, "oracle": name, "metric": task["primary"],
-                "phds": ref_task["metrics"][str(k0)][task["primary"]],
-                "oracle_value": task["metrics"][str(k0)][task["primary"]],
-                "diff": _diff(ref_task, task, str(k0), str(k0), seed),
-            })
+            oracle_rows.append(
+                {
+                    "task": task_name,
+                    "k": k0,
+                    "oracle": name,
+                    "metric": task["primary"],
+                    "phds": ref_task["metrics"][str(k0)][task["primary"]],
+                    "oracle_value": task["metrics"][str(k0)][task["primary"]],
+                    "diff": _diff(ref_task, task, str(k0), str(k0), seed),
+                }
+            )
 
     oracles = {_oracle_k(r): r for r in loaded if _oracle_k(r) is not None}
     agreement_rows = []
@@ -126,13 +131,21 @@ def compare(
                 if a is not None and b is not None and task_name in a["tasks"] and task_name in b["tasks"]:
                     ta, tb = a["tasks"][task_name], b["tasks"][task_name]
                     if ta["digest"] == tb["digest"] and str(k) in ta["items"] and str(k2) in tb["items"]:
-                        row["oracles"] = agreement(ta["items"][str(k)]["prediction"],
-                                                   tb["items"][str(k2)]["prediction"],
-                                                   positionwise=ta["kind"] == "perplexity")
+                        row["oracles"] = agreement(
+                            ta["items"][str(k)]["prediction"],
+                            tb["items"][str(k2)]["prediction"],
+                            positionwise=ta["kind"] == "perplexity",
+                        )
                 agreement_rows.append(row)
 
-    out = {"models": names, "reference": names[ref], "tasks": table, "oracle_vs_phds": oracle_rows,
-           "agreement": agreement_rows, "seed": seed}
+    out = {
+        "models": names,
+        "reference": names[ref],
+        "tasks": table,
+        "oracle_vs_phds": oracle_rows,
+        "agreement": agreement_rows,
+        "seed": seed,
+    }
     if out_dir is not None:
         path = Path(out_dir)
         path.mkdir(parents=True, exist_ok=True)
@@ -150,27 +163,59 @@ def markdown_compare(out: dict[str, Any], loaded: Sequence[dict[str, Any]]) -> s
     """
     names, ref = out["models"], out["reference"]
     others = [n for n in names if n != ref]
-    lines = [f"# Comparison: {', '.join(names)}", "",
-             f"reference: **{ref}**; values are `value [95% bootstrap CI]`; Δ is model − reference with a 95% "
-             "paired bootstrap CI on the same items; **n.s.** = the CI contains 0 (not significant).", ""]
+    lines = [
+        f"# Comparison: {', '.join(names)}",
+        "",
+        f"reference: **{ref}**; values are `value [95% bootstrap CI]`; Δ is model − reference with a 95% "
+        "paired bootstrap CI on the same items; **n.s.** = the CI contains 0 (not significant).",
+        "",
+    ]
     primaries = {t: r["tasks"][t]["primary"] for r in loaded for t in r["tasks"]}
     for task_name, rows in out["tasks"].items():
         metric = primaries[task_name]
         lines += [f"## {task_name} ({metric})", ""]
         header = ["k"] + names + [f"Δ {n}" for n in others]
-        body = [[row["k"]] + [fmt(row["values"][n], metric) for n in names]
-                + [_fmt_diff(row["diffs"].get(n)) for n in others] for row in rows]
+        body = [
+            [row["k"]]
+            + [fmt(row["values"][n], metric) for n in names]
+            + [_fmt_diff(row["diffs"].get(n)) for n in others]
+            for row in rows
+        ]
         lines += _table(header, body) + [""]
     if out["oracle_vs_phds"]:
         lines += ["## PHDS vs the oracle at its own k", ""]
-        lines += _table(["task", "k", "metric", ref, "oracle", "Δ PHDS − oracle"],
-                        [[r["task"], r["k"], r["metric"], fmt(r["phds"], r["metric"]),
-                          f"{r['oracle']}: {fmt(r['oracle_value'], r['metric'])}", _fmt_diff(r["diff"])]
-                         for r in out["oracle_vs_phds"]]) + [""]
+        lines += _table(
+            ["task", "k", "metric", ref, "oracle", "Δ PHDS − oracle"],
+            [
+                [
+                    r["task"],
+                    r["k"],
+                    r["metric"],
+                    fmt(r["phds"], r["metric"]),
+                    f"{r['oracle']}: {fmt(r['oracle_value'], r['metric'])}",
+                    _fmt_diff(r["diff"]),
+                ]
+                for r in out["oracle_vs_phds"]
+            ],
+        ) + [""]
     if out["agreement"]:
-        lines += ["## agreement between k and k'", "",
-                  f"{ref} at k vs at k', next to oracle-k (at k) vs oracle-k' (at k') on the same items.", ""]
-        lines += _table(["task", "k", "k'", ref, "oracles"],
-                        [[r["task"], r["k"], r["k2"], f"{r['phds']:.3f}",
-                          "-" if r["oracles"] is None else f"{r['oracles']:.3f}"] for r in out["agreement"]]) + [""]
+        lines += [
+            "## agreement between k and k'",
+            "",
+            f"{ref} at k vs at k', next to oracle-k (at k) vs oracle-k' (at k') on the same items.",
+            "",
+        ]
+        lines += _table(
+            ["task", "k", "k'", ref, "oracles"],
+            [
+                [
+                    r["task"],
+                    r["k"],
+                    r["k2"],
+                    f"{r['phds']:.3f}",
+                    "-" if r["oracles"] is None else f"{r['oracles']:.3f}",
+                ]
+                for r in out["agreement"]
+            ],
+        ) + [""]
     return "\n".join(lines)

@@ -76,7 +76,9 @@ def value(metric: str, columns: Columns) -> float:
     return _ratio(metric, columns, None)
 
 
-def bootstrap_ci(metric: str, columns: Columns, *, seed: int = 0, n_resamples: int = N_RESAMPLES) -> tuple[float, float]:
+def bootstrap_ci(
+    metric: str, columns: Columns, *, seed: int = 0, n_resamples: int = N_RESAMPLES
+) -> tuple[float, float]:
     """95% percentile bootstrap interval of the metric, resampling items with a fixed seed.
 
     Example: `bootstrap_ci("acc", {"acc": [1, 0, 1, 1]}, seed=0)`.
@@ -116,8 +118,13 @@ def paired_difference(
         index = rng.integers(0, n, n)
         draws.append(_ratio(metric, a, index) - _ratio(metric, b, index))
     low, high = np.quantile(draws, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2])
-    return {"diff": value(metric, a) - value(metric, b), "ci_low": float(low), "ci_high": float(high), "n": n,
-            "significant": not (low <= 0.0 <= high)}
+    return {
+        "diff": value(metric, a) - value(metric, b),
+        "ci_low": float(low),
+        "ci_high": float(high),
+        "n": n,
+        "significant": not (low <= 0.0 <= high),
+    }
 
 
 _NUMBER = re.compile(r"-?[\d,]*\.?\d+")

@@ -60,7 +60,9 @@ def build_requests(task: Task, count: int, *, num_fewshot: int = 0, seed: int = 
         prefix = "".join(_shot(task, task.items[i]) + sep for i in shots)
         kind = task.kind
         if kind == "mc":
-            out.append(ItemRequests(pairs=[(prefix + item["query"], " " + c) for c in item["choices"]], gold=item["gold"]))
+            out.append(
+                ItemRequests(pairs=[(prefix + item["query"], " " + c) for c in item["choices"]], gold=item["gold"])
+            )
         elif kind == "winogrande":
             cont = " " + item["continuation"]
             out.append(ItemRequests(pairs=[(prefix + c, cont) for c in item["context_options"]], gold=item["gold"]))
@@ -70,6 +72,7 @@ def build_requests(task: Task, count: int, *, num_fewshot: int = 0, seed: int = 
             prompt = f"{prefix}Question: {item['context']}\nAnswer:"
             out.append(ItemRequests(prompt=prompt, gold=gold_number(item["answer"]), stops=GSM8K_STOPS))
         else:
-            out.append(ItemRequests(prompt=prefix + item["prompt"], gold=str(item["answer"]).strip(),
-                                    stops=EXACT_MATCH_STOPS))
+            out.append(
+                ItemRequests(prompt=prefix + item["prompt"], gold=str(item["answer"]).strip(), stops=EXACT_MATCH_STOPS)
+            )
     return out

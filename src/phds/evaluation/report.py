@@ -52,25 +52,42 @@ def markdown_report(results: dict[str, Any]) -> str:
     ]
     for name, task in results["tasks"].items():
         metrics = list(next(iter(task["metrics"].values())))
-        lines += [f"## {name} ({task['kind']}, n={task['n']}, primary: {task['primary']}"
-                  + (" lower is better" if not task["higher_is_better"] else "") + ")", ""]
-        rows = [[k, f"{results['active_params'][k]:,}"] + [fmt(task["metrics"][k][m], m) for m in metrics]
-                for k in task["metrics"]]
+        lines += [
+            f"## {name} ({task['kind']}, n={task['n']}, primary: {task['primary']}"
+            + (" lower is better" if not task["higher_is_better"] else "")
+            + ")",
+            "",
+        ]
+        rows = [
+            [k, f"{results['active_params'][k]:,}"] + [fmt(task["metrics"][k][m], m) for m in metrics]
+            for k in task["metrics"]
+        ]
         lines += _table(["k", "active params"] + metrics, rows) + [""]
         agreement = task["agreement"]
-        what = "share of positions whose top-1 next token agrees" if task["kind"] == "perplexity" else \
-            "share of items with the same prediction"
+        what = (
+            "share of positions whose top-1 next token agrees"
+            if task["kind"] == "perplexity"
+            else "share of items with the same prediction"
+        )
         lines += [f"agreement ({what}):", ""]
-        lines += _table(["k \\ k'"] + [str(k) for k in agreement["ks"]],
-                        [[k] + [f"{v:.3f}" for v in row] for k, row in zip(agreement["ks"], agreement["matrix"],
-                                                                            strict=True)]) + [""]
+        lines += _table(
+            ["k \\ k'"] + [str(k) for k in agreement["ks"]],
+            [[k] + [f"{v:.3f}" for v in row] for k, row in zip(agreement["ks"], agreement["matrix"], strict=True)],
+        ) + [""]
     if results["latency"]:
         first = next(iter(results["latency"].values()))
-        lines += [f"## latency ({results['device']}, prompt {first['prompt_tokens']} tokens, "
-                  f"{first['new_tokens']} new tokens, batch {first['batch_size']}, HF generate)", ""]
-        lines += _table(["k", "active params", "prefill tokens/s", "decode ms/token"],
-                        [[k, f"{v['active_params']:,}", f"{v['prefill_tokens_per_s']:.1f}",
-                          f"{v['decode_ms_per_token']:.2f}"] for k, v in results["latency"].items()]) + [""]
+        lines += [
+            f"## latency ({results['device']}, prompt {first['prompt_tokens']} tokens, "
+            f"{first['new_tokens']} new tokens, batch {first['batch_size']}, HF generate)",
+            "",
+        ]
+        lines += _table(
+            ["k", "active params", "prefill tokens/s", "decode ms/token"],
+            [
+                [k, f"{v['active_params']:,}", f"{v['prefill_tokens_per_s']:.1f}", f"{v['decode_ms_per_token']:.2f}"]
+                for k, v in results["latency"].items()
+            ],
+        ) + [""]
     lines += ["versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()), ""]
     return "\n".join(lines)
 
@@ -84,7 +101,9 @@ def _pyplot():
     return plt
 
 
-def plot_frontier(results_list: Sequence[dict[str, Any]], path: str | os.PathLike, labels: Sequence[str] | None = None):
+def plot_frontier(
+    results_list: Sequence[dict[str, Any]], path: str | os.PathLike, labels: Sequence[str] | None = None
+):
     """Primary metric vs active parameters (left) and vs decode ms/token (right), one row per task, one line per
     model, each point labelled with its k and drawn with its 95% CI.
 
@@ -112,14 +131,25 @@ def plot_frontier(results_list: Sequence[dict[str, Any]], path: str | os.PathLik
                     xs = [results["latency"][k]["decode_ms_per_token"] for k in ks]
                 summaries = [task["metrics"][k][task["primary"]] for k in ks]
                 ys = [s["value"] for s in summaries]
-                err = [[y - s["ci_low"] for y, s in zip(ys, summaries, strict=True)],
-                       [s["ci_high"] - y for y, s in zip(ys, summaries, strict=True)]]
+                err = [
+                    [y - s["ci_low"] for y, s in zip(ys, summaries, strict=True)],
+                    [s["ci_high"] - y for y, s in zip(ys, summaries, strict=True)],
+                ]
                 line = ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
                 for x, y, k in zip(xs, ys, ks, strict=True):
-                    ax.annotate(f"k={k}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8,
-                                color=line[0].get_color())
-            direction = "" if next(r for r in results_list if task_name in r["tasks"])["tasks"][task_name][
-                "higher_is_better"] else " (lower is better)"
+                    ax.annotate(
+                        f"k={k}",
+                        (x, y),
+                        textcoords="offset points",
+                        xytext=(4, 4),
+                        fontsize=8,
+                        color=line[0].get_color(),
+                    )
+            direction = (
+                ""
+                if next(r for r in results_list if task_name in r["tasks"])["tasks"][task_name]["higher_is_better"]
+                else " (lower is better)"
+            )
             primary = next(r for r in results_list if task_name in r["tasks"])["tasks"][task_name]["primary"]
             ax.set_ylabel(f"{task_name}: {primary}{direction}")
             ax.set_xlabel("active parameters per token (M)" if col == 0 else "decode ms/token (measured)")
@@ -169,8 +199,11 @@ def dumps_results(results: dict[str, Any]) -> str:
     compact = {}
     for name, task in results["tasks"].items():
         marker = f"@@items:{name}@@"
-        compact[marker] = "{" + ", ".join(f"{json.dumps(k)}: {json.dumps(v, separators=(',', ':'))}"
-                                           for k, v in task["items"].items()) + "}"
+        compact[marker] = (
+            "{"
+            + ", ".join(f"{json.dumps(k)}: {json.dumps(v, separators=(',', ':'))}" for k, v in task["items"].items())
+            + "}"
+        )
         shallow["tasks"][name] = {**task, "items": marker}
     text = json.dumps(shallow, indent=1)
     for marker, value in compact.items():

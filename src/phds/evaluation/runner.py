@@ -71,8 +71,13 @@ def _versions() -> dict[str, str]:
 
     import phds
 
-    return {"phds": phds.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "numpy": np.__version__, "python": platform.python_version()}
+    return {
+        "phds": phds.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
 
 
 class _Prepared:
@@ -114,8 +119,9 @@ def _score_ll(prep: _Prepared, scored: list[scoring.Scored], k: int) -> tuple[di
             columns["nll"].append(-s.logprob)
             columns["tokens"].append(s.n_tokens)
             columns["prediction"].append(s.argmax)
-            records.append({"task": task.name, "k": k, "index": w, "nll": -s.logprob, "tokens": s.n_tokens,
-                            "top1": s.argmax})
+            records.append(
+                {"task": task.name, "k": k, "index": w, "nll": -s.logprob, "tokens": s.n_tokens, "top1": s.argmax}
+            )
         return columns, records
     by_item: list[list[scoring.Scored]] = [[] for _ in prep.items]
     for owner, s in zip(prep.owner, scored, strict=True):
@@ -155,8 +161,18 @@ def _score_generation(prep: _Prepared, texts: list[str], k: int) -> tuple[dict, 
         correct = answer is not None and answer == gold
         columns["prediction"].append(answer)
         columns["exact_match"].append(float(correct))
-        records.append({"task": prep.task.name, "k": k, "index": index, "line": prep.task.line_numbers[index],
-                        "generation": text, "prediction": answer, "gold": gold, "correct": correct})
+        records.append(
+            {
+                "task": prep.task.name,
+                "k": k,
+                "index": index,
+                "line": prep.task.line_numbers[index],
+                "generation": text,
+                "prediction": answer,
+                "gold": gold,
+                "correct": correct,
+            }
+        )
     return columns, records
 
 
@@ -228,8 +244,19 @@ def evaluate(
         if undeclared:
             logger.warning("ks %s are not among the checkpoint's declared ks %s", undeclared, sidecar.ks)
     max_len = scoring.max_length(model, max_length)
-    prepared = [_Prepared(t, tokenizer, model, limit=limit, num_fewshot=num_fewshot, seed=seed, max_len=max_len,
-                          ppl_stride=ppl_stride) for t in task_list]
+    prepared = [
+        _Prepared(
+            t,
+            tokenizer,
+            model,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            seed=seed,
+            max_len=max_len,
+            ppl_stride=ppl_stride,
+        )
+        for t in task_list
+    ]
     latency_config = latency if isinstance(latency, LatencyConfig) else (LatencyConfig() if latency else None)
     if latency_config is not None:
         latency_config.prompt_tokens = min(latency_config.prompt_tokens, max_len - latency_config.new_tokens - 1)
@@ -239,8 +266,9 @@ def evaluate(
     records: list[dict] = []
     latency_table: dict[str, dict] = {}
     total = len(ks) * sum(p.units for p in prepared)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  disable=not progress) as bar:
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), disable=not progress
+    ) as bar:
         job = bar.add_task("eval", total=total)
         for k in ks:
             with dial.sparsity(model, k):
@@ -248,13 +276,21 @@ def evaluate(
                     bar.update(job, description=f"k={k} {prep.task.name}")
                     advance = lambda n: bar.advance(job, n)  # noqa: E731
                     if prep.task.kind in ("gsm8k", "exact_match"):
-                        texts = scoring.generate(model, tokenizer, [i.prompt for i in prep.items],
-                                                 max_new_tokens=max_new_tokens, stops=prep.items[0].stops,
-                                                 batch_size=batch_size, limit=max_len, on_batch=advance)
+                        texts = scoring.generate(
+                            model,
+                            tokenizer,
+                            [i.prompt for i in prep.items],
+                            max_new_tokens=max_new_tokens,
+                            stops=prep.items[0].stops,
+                            batch_size=batch_size,
+                            limit=max_len,
+                            on_batch=advance,
+                        )
                         columns, recs = _score_generation(prep, texts, k)
                     else:
-                        scored = scoring.loglikelihoods(model, prep.token_requests, batch_size=batch_size, pad=pad,
-                                                        on_batch=advance)
+                        scored = scoring.loglikelihoods(
+                            model, prep.token_requests, batch_size=batch_size, pad=pad, on_batch=advance
+                        )
                         columns, recs = _score_ll(prep, scored, k)
                     per_k[k][prep.task.name] = columns
                     records.extend(recs)
@@ -262,10 +298,23 @@ def evaluate(
                 bar.update(job, description=f"k={k} latency")
                 latency_table[str(k)] = measure_latency(model, k, latency_config)
 
-    results = _assemble(prepared, per_k, ks, latency_table, model=model, sidecar=sidecar,
-                        name=model_name or loaded_name or getattr(model, "name_or_path", None) or type(model).__name__,
-                        settings=dict(limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
-                                      max_new_tokens=max_new_tokens, seed=seed, max_length=max_len))
+    results = _assemble(
+        prepared,
+        per_k,
+        ks,
+        latency_table,
+        model=model,
+        sidecar=sidecar,
+        name=model_name or loaded_name or getattr(model, "name_or_path", None) or type(model).__name__,
+        settings=dict(
+            limit=limit,
+            num_fewshot=num_fewshot,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            max_length=max_len,
+        ),
+    )
     if out_dir is not None:
         from phds.evaluation.report import write_outputs
 
@@ -291,10 +340,16 @@ def _assemble(prepared, per_k, ks, latency_table, *, model, sidecar, name, setti
         if task.kind == "perplexity":
             entry["window"] = settings["max_length"]
             entry["stride"] = prep.stride
-            entry["digest"] = Task(name=task.name, kind=task.kind, path=task.path, items=[
-                {"ids": [r[0] + r[1] for r in prep.token_requests]}]).digest()
+            entry["digest"] = Task(
+                name=task.name,
+                kind=task.kind,
+                path=task.path,
+                items=[{"ids": [r[0] + r[1] for r in prep.token_requests]}],
+            ).digest()
         else:
-            entry["digest"] = Task(name=task.name, kind=task.kind, path=task.path, items=task.items[:prep.count]).digest()
+            entry["digest"] = Task(
+                name=task.name, kind=task.kind, path=task.path, items=task.items[: prep.count]
+            ).digest()
         for k in ks:
             columns = per_k[k][task.name]
             entry["metrics"][str(k)] = {m: summarise(m, columns, seed=seed) for m in names}

@@ -72,7 +72,7 @@ def encode_pair(tokenizer, context: str, continuation: str, limit: int) -> tuple
         context = context[:-spaces]
     whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
     ctx = tokenizer(context, add_special_tokens=False).input_ids
-    cont = whole[len(ctx):]
+    cont = whole[len(ctx) :]
     if not cont:
         raise ValueError(f"continuation {continuation!r} tokenises to nothing after context {context[-40:]!r}")
     prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -120,7 +120,7 @@ def loglikelihoods(
     order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
     results: list[Scored | None] = [None] * len(requests)
     for start in range(0, len(order), batch_size):
-        chunk = order[start: start + batch_size]
+        chunk = order[start : start + batch_size]
         rows = [requests[i][0] + requests[i][1] for i in chunk]
         width = max(len(r) for r in rows)
         ids_BT = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -132,7 +132,7 @@ def loglikelihoods(
         for b, i in enumerate(chunk):
             ctx, cont = requests[i]
             # logits at position t predict token t+1: the continuation is predicted from len(ctx)-1 on.
-            logits_TV = logits_BTV[b, len(ctx) - 1: len(ctx) + len(cont) - 1].float()
+            logits_TV = logits_BTV[b, len(ctx) - 1 : len(ctx) + len(cont) - 1].float()
             logprobs_TV = torch.log_softmax(logits_TV, dim=-1)
             target_T = torch.tensor(cont, device=logprobs_TV.device)
             argmax_T = logprobs_TV.argmax(dim=-1)
@@ -154,7 +154,7 @@ class _StopStrings(StoppingCriteria):
         self.tokenizer, self.stops, self.prompt_width = tokenizer, list(stops), prompt_width
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width:], skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width :], skip_special_tokens=True)
         done = [any(stop in text for stop in self.stops) for text in texts]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
@@ -191,19 +191,21 @@ def generate(
     device = next(model.parameters()).device
     room = max_length(model, limit) - max_new_tokens
     if room < 1:
-        raise ValueError(f"`max_new_tokens`={max_new_tokens} leaves no room for a prompt (max length {room + max_new_tokens})")
+        raise ValueError(
+            f"`max_new_tokens`={max_new_tokens} leaves no room for a prompt (max length {room + max_new_tokens})"
+        )
     encoded = [tokenizer(p, add_special_tokens=True).input_ids[-room:] for p in prompts]
     pad = pad_id(tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     outputs: list[str] = [""] * len(prompts)
     for start in range(0, len(order), batch_size):
-        chunk = order[start: start + batch_size]
+        chunk = order[start : start + batch_size]
         width = max(len(encoded[i]) for i in chunk)
         ids_BT = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask_BT = torch.zeros((len(chunk), width), dtype=torch.long)
         for b, i in enumerate(chunk):
-            ids_BT[b, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask_BT[b, width - len(encoded[i]):] = 1
+            ids_BT[b, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+            mask_BT[b, width - len(encoded[i]) :] = 1
         criteria = StoppingCriteriaList([_StopStrings(tokenizer, stops, width)]) if stops else None
         out_BT = model.generate(
             input_ids=ids_BT.to(device),

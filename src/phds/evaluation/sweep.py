@@ -54,8 +54,10 @@ def verdict(
         if first_drop is None:
             holds_down_to = k
     if first_drop is None:
-        line = (f"quality holds at every k down to {holds_down_to}: no task is worse than at k={ref} by more "
-                f"than {tolerance} with 95% paired-bootstrap significance")
+        line = (
+            f"quality holds at every k down to {holds_down_to}: no task is worse than at k={ref} by more "
+            f"than {tolerance} with 95% paired-bootstrap significance"
+        )
     else:
         k, worse = first_drop
         name = worse[0]
@@ -63,8 +65,10 @@ def verdict(
         metric = task["primary"]
         before, after = task["metrics"][str(ref)][metric]["value"], task["metrics"][str(k)][metric]["value"]
         others = f" and {len(worse) - 1} more task(s)" if len(worse) > 1 else ""
-        line = (f"quality holds down to k={holds_down_to} and falls off at k={k}: {name} {metric} {before:.3f} -> "
-                f"{after:.3f} vs k={ref}{others} (95% paired bootstrap)")
+        line = (
+            f"quality holds down to k={holds_down_to} and falls off at k={k}: {name} {metric} {before:.3f} -> "
+            f"{after:.3f} vs k={ref}{others} (95% paired bootstrap)"
+        )
     return line, detail
 
 

@@ -60,8 +60,13 @@ class Task:
         """
         if limit is None or self.kind == "perplexity":
             return self
-        return Task(name=self.name, kind=self.kind, path=self.path, items=self.items[:limit],
-                    line_numbers=self.line_numbers[:limit])
+        return Task(
+            name=self.name,
+            kind=self.kind,
+            path=self.path,
+            items=self.items[:limit],
+            line_numbers=self.line_numbers[:limit],
+        )
 
     def digest(self) -> str:
         """A short hash of the items, so `compare` knows two results were scored on the same items.
@@ -102,13 +107,17 @@ def resolve(spec: str | os.PathLike) -> Path:
         return path
     root = data_dir()
     if root is None:
-        raise ValueError(f"`tasks` entry {text!r} is a bare name but ${DATA_ENV} is not set and no shared data "
-                         "folder was found; pass a .jsonl/.txt path or set PHDS_DATA")
+        raise ValueError(
+            f"`tasks` entry {text!r} is a bare name but ${DATA_ENV} is not set and no shared data "
+            "folder was found; pass a .jsonl/.txt path or set PHDS_DATA"
+        )
     candidates = [root / "eval" / f"{text}.jsonl", root / "text" / f"{text}.txt"]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    known = sorted(p.stem for sub in ("eval", "text") for p in (root / sub).glob("*.*") if p.suffix in (".jsonl", ".txt"))
+    known = sorted(
+        p.stem for sub in ("eval", "text") for p in (root / sub).glob("*.*") if p.suffix in (".jsonl", ".txt")
+    )
     raise ValueError(f"unknown task {text!r}: not found as {[str(c) for c in candidates]}; known names: {known}")
 
 
@@ -116,8 +125,10 @@ def _detect(item: dict, where: str) -> str:
     for kind, fields in FORMATS.items():
         if all(name in item for name in fields):
             return kind
-    raise ValueError(f"{where}: fields {sorted(item)} match no known format; expected one of "
-                     + "; ".join(f"{kind}: {sorted(fields)}" for kind, fields in FORMATS.items()))
+    raise ValueError(
+        f"{where}: fields {sorted(item)} match no known format; expected one of "
+        + "; ".join(f"{kind}: {sorted(fields)}" for kind, fields in FORMATS.items())
+    )
 
 
 def _check(item: dict, kind: str, where: str) -> None:

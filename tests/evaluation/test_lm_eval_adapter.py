@@ -1,0 +1,115 @@
+"""The lm-eval adapter, fully offline: a local YAML task over a jsonl file and a tiny checkpoint in a tmp dir."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+import phds
+from phds.evaluation import scoring
+
+from .conftest import MC, write_jsonl
+
+lm_eval = pytest.importorskip("lm_eval")
+
+TASK_YAML = """task: phds_tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {path}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{query}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: gold
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+@pytest.fixture(scope="module")
+def offline_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm_eval")
+    items = write_jsonl(root / "items.jsonl", MC[:3])
+    (root / "tasks").mkdir()
+    (root / "tasks" / "phds_tiny_mc.yaml").write_text(TASK_YAML.format(path=items))
+    phds.save(phds.tiny_model("olmoe"), root / "ckpt", tokenizer=phds.tiny_tokenizer())
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    import datasets.config
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+
+
+def _hand_scores(k: int) -> list[list[float]]:
+    """What lm-eval should report at k: log p(" choice" | query) from our own scorer, dialled to k."""
+    model, tok = phds.tiny_model("olmoe"), phds.tiny_tokenizer()
+    requests = [(tok(item["query"]).input_ids, tok(" " + c).input_ids) for item in MC[:3] for c in item["choices"]]
+    with phds.sparsity(model, k):
+        flat = [s.logprob for s in scoring.loglikelihoods(model, requests)]
+    sizes = [len(item["choices"]) for item in MC[:3]]
+    return [flat[sum(sizes[:i]) : sum(sizes[: i + 1])] for i in range(len(sizes))]
+
+
+def test_simple_evaluate_scores_at_the_requested_k(offline_setup):
+    from lm_eval.tasks import TaskManager
+
+    import phds.evaluation.lm_eval_adapter  # noqa: F401  (registers "phds")
+
+    out = lm_eval.simple_evaluate(
+        model="phds",
+        model_args=f"pretrained={offline_setup / 'ckpt'},k=1,device=cpu,dtype=float32",
+        tasks=["phds_tiny_mc"],
+        task_manager=TaskManager(include_path=str(offline_setup / "tasks")),
+        log_samples=True,
+        batch_size=2,
+    )
+    samples = sorted(out["samples"]["phds_tiny_mc"], key=lambda s: s["doc_id"])
+    got = [[resp[0] for resp in s["filtered_resps"]] for s in samples]
+    at_1, at_4 = _hand_scores(1), _hand_scores(4)
+    assert got == [pytest.approx(row, abs=1e-4) for row in at_1]
+    assert got != [pytest.approx(row, abs=1e-6) for row in at_4]
+    assert "acc,none" in out["results"]["phds_tiny_mc"]
+
+
+def test_bad_k_is_rejected(offline_setup):
+    from phds.evaluation.lm_eval_adapter import PHDSLM
+
+    with pytest.raises(ValueError, match="`k` must be a positive integer, got 'two'"):
+        PHDSLM(pretrained=str(offline_setup / "ckpt"), k="two", device="cpu")
+    with pytest.raises(ValueError, match=r"`k` must be in \[1, 8\]"):
+        PHDSLM(pretrained=str(offline_setup / "ckpt"), k=9, device="cpu")
+
+
+def test_phds_lm_eval_forwards_to_the_lm_eval_command_line(offline_setup, tmp_path):
+    from phds.cli import app
+
+    result = CliRunner().invoke(
+        app,
+        [
+            "lm-eval",
+            "--model",
+            "phds",
+            "--model_args",
+            f"pretrained={offline_setup / 'ckpt'},k=2",
+            "--device",
+            "cpu",
+            "--tasks",
+            "phds_tiny_mc",
+            "--include_path",
+            str(offline_setup / "tasks"),
+            "--batch_size",
+            "2",
+            "--output_path",
+            str(tmp_path / "out"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert list((tmp_path / "out").rglob("results*.json"))
