@@ -9,14 +9,20 @@ to it). Only evaluation changes: one pass per k inside `phds.sparsity`, logged a
 from __future__ import annotations
 
 import logging
+import os
 
-from transformers.trainer_utils import EvalLoopOutput
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
 from trl import SFTTrainer
 
 from phds import dial
 from phds.training.callbacks import eval_loss_key
 
 logger = logging.getLogger(__name__)
+
+EXTRA_WEIGHTS = "phds_extra_trainable.safetensors"
 
 
 def selection_score(losses: dict[int, float], *, select_by: str, k_select: int) -> float:
@@ -85,3 +91,37 @@ class PHDSTrainer(SFTTrainer):
             metrics[eval_loss_key(k).replace("eval", metric_key_prefix, 1)] = loss
         metrics[f"{metric_key_prefix}_loss"] = selection_score(losses, select_by=self.select_by, k_select=self.k_select)
         return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=last.num_samples)
+
+    # ------------------------------------------------------------------ resumable checkpoints
+
+    def _extra_trainable(self) -> dict[str, torch.nn.Parameter]:
+        """Trainable parameters a PEFT adapter checkpoint leaves out (the routers, trained fully under LoRA)."""
+        if not hasattr(self.model, "peft_config"):
+            return {}
+        return {name: p for name, p in self.model.named_parameters() if p.requires_grad and "lora_" not in name}
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        extra = self._extra_trainable()
+        if extra and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            save_file({name: p.detach().cpu().contiguous() for name, p in extra.items()}, os.path.join(folder, EXTRA_WEIGHTS))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = self.model if model is None else model
+        if isinstance(model, transformers.PreTrainedModel) and not self.is_fsdp_enabled:
+            # `save_pretrained` writes MoE experts in the checkpoint's original per-expert layout, which the
+            # Trainer's plain `load_state_dict` does not convert back (transformers 5 leaves the fused expert
+            # tensors untouched, with a warning). Reading through `from_pretrained` applies the conversion.
+            logger.info("loading model weights from %s through from_pretrained", resume_from_checkpoint)
+            reloaded = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype)
+            model.load_state_dict(reloaded.state_dict(), strict=True)
+            del reloaded
+        else:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        extra_file = os.path.join(resume_from_checkpoint, EXTRA_WEIGHTS)
+        if os.path.isfile(extra_file):
+            extra = self._extra_trainable()
+            with torch.no_grad():
+                for name, value in load_file(extra_file).items():
+                    extra[name].copy_(value)

@@ -1,0 +1,72 @@
+"""A run killed part-way and resumed ends exactly as an uninterrupted run: same k history, same weights (CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+import phds
+from phds.training import read_log, train
+from tests.training.conftest import fast_config
+
+STEPS = 8
+
+
+class _Kill(TrainerCallback):
+    """Raises after optimizer step `at`, as a crash or a preempted job would end the run."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at:
+            raise KeyboardInterrupt(f"killed after step {self.at}")
+
+
+def _config(out, resume: bool):
+    return fast_config(
+        out,
+        ks=[1, 2, 3, 4],
+        anchor_fraction=0.25,
+        max_steps=STEPS,
+        save_strategy="steps",
+        save_steps=3,
+        eval_steps=4,
+        resume_from_checkpoint="last" if resume else None,
+    )
+
+
+def test_a_killed_and_resumed_run_ends_with_the_same_k_history_and_weights(tmp_path, addition_rows):
+    whole_model = phds.tiny_model("olmoe")
+    whole = train(whole_model, _config(tmp_path / "whole", resume=False), train_data=addition_rows,
+                  tokenizer=phds.tiny_tokenizer())
+
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        train(phds.tiny_model("olmoe"), _config(out, resume=False), train_data=addition_rows,
+              tokenizer=phds.tiny_tokenizer(), callbacks=[_Kill(at=5)])
+    assert (out / "checkpoints" / "checkpoint-3").is_dir()
+    assert not (out / "checkpoints" / "checkpoint-6").exists()
+
+    resumed_model = phds.tiny_model("olmoe", seed=1)  # other initial weights: the checkpoint must overwrite them
+    resumed = train(resumed_model, _config(out, resume=True), train_data=addition_rows, tokenizer=phds.tiny_tokenizer())
+
+    assert resumed.global_step == whole.global_step == STEPS
+    assert resumed.k_history == whole.k_history
+    assert len(set(whole.k_history)) > 1
+    for name, value in whole_model.state_dict().items():
+        torch.testing.assert_close(resumed_model.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    assert resumed.best_step == whole.best_step
+    assert resumed.validation_loss == pytest.approx(whole.validation_loss)
+    # the log holds the whole run: the k of steps 0..2 from the killed attempt, 3..7 from the resumed one
+    steps = {e["step"]: e["k"] for e in read_log(out) if e["event"] == "step"}
+    assert [steps[s] for s in range(STEPS)] == whole.k_history
+
+
+def test_a_fresh_run_refuses_an_output_dir_holding_another_runs_checkpoints(tmp_path, addition_rows):
+    out = tmp_path / "busy"
+    (out / "checkpoints" / "checkpoint-3").mkdir(parents=True)
+    (out / "checkpoints" / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    with pytest.raises(ValueError, match="earlier run"):
+        train("tiny:olmoe", _config(out, resume=False), train_data=addition_rows)
