@@ -1,0 +1,75 @@
+"""`phds serve` as a process: SIGTERM lets in-flight requests finish (bounded by --drain-timeout-s), then exits."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from phds.serving.server import free_port
+
+from .conftest import MODEL_NAME, wait_until
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).json()["status"] == "ok"
+    except httpx.HTTPError:
+        return False
+
+
+def test_sigterm_drains_a_short_request_cuts_a_long_one_at_the_bound_and_exits(checkpoint, tmp_path):
+    port = free_port()
+    command = [
+        sys.executable,
+        "-c",
+        "from phds.cli import main; main()",
+        "serve",
+        checkpoint,
+        "--port",
+        str(port),
+        "--max-model-len",
+        "32768",
+        "--drain-timeout-s",
+        "6",
+    ]
+    log = tmp_path / "serve.log"
+    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_until(lambda: _up(f"{base}/health") or process.poll() is not None, "the server to start", 180)
+        assert process.poll() is None, log.read_text()
+        with (
+            httpx.Client(base_url=base, timeout=60) as short_client,
+            httpx.Client(base_url=base, timeout=60) as long_client,
+        ):
+            body = {"model": MODEL_NAME, "stream": True, "ignore_eos": True, "temperature": 0}
+            short = short_client.stream("POST", "/v1/completions", json={**body, "prompt": "s", "max_tokens": 10})
+            long = long_client.stream("POST", "/v1/completions", json={**body, "prompt": "l", "max_tokens": 30000})
+            short_lines, long_lines = short.__enter__().iter_lines(), long.__enter__().iter_lines()
+            assert next(short_lines).startswith("data: ") and next(long_lines).startswith("data: ")
+            process.send_signal(signal.SIGTERM)
+
+            received = [line for line in short_lines if line]
+            assert received[-1] == "data: [DONE]", received  # the short request was allowed to finish
+            last = json.loads(received[-2].removeprefix("data: "))
+            assert last.get("choices", [{}])[0].get("finish_reason") == "length", last
+
+            cut = []
+            with pytest.raises(httpx.HTTPError):  # the long one is cancelled at the drain bound: the stream breaks
+                for line in long_lines:
+                    cut.append(line)
+            assert "data: [DONE]" not in cut and len(cut) < 2 * 30000
+            short.__exit__(None, None, None)
+        assert process.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{base}/health")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        print(log.read_text())  # shown by pytest when the test fails
