@@ -156,6 +156,8 @@ class PHDSConfig(SFTConfig):
         self._check_phds_fields()
         if self.bf16 is None:
             self.bf16 = bool(not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # nothing to pin to; avoids a warning per dataloader
         if self.report_to is None:
             self.report_to = _installed_trackers()
         if self.aux_loss_coef is not None:

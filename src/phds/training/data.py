@@ -47,7 +47,12 @@ def read_rows(source: DataSource, *, what: str = "train_data", split: str = "tra
                 raise ValueError(
                     f"`{what}` must be a {'/'.join(sorted(FILE_BUILDERS))} file or a datasets name, got {text!r}"
                 )
-            rows = datasets.load_dataset(builder, data_files=str(path), split="train")
+            if not path.read_bytes().strip():
+                raise ValueError(f"`{what}` is empty: {text} has no rows")
+            try:
+                rows = datasets.load_dataset(builder, data_files=str(path), split="train")
+            except Exception as error:  # malformed JSON/parquet surface as many exception types
+                raise ValueError(f"`{what}` could not be read as {builder}: {text}: {error}") from error
             if builder == "text":
                 rows = rows.filter(lambda row: bool(row["text"].strip()))
             return rows

@@ -1,0 +1,108 @@
+"""`phds train` through typer's CliRunner: a PHDS run, an oracle, and bad input that fails before writing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import transformers
+from typer.testing import CliRunner
+
+import phds
+from phds.cli import app
+from tests.training.conftest import ADDITION
+
+runner = CliRunner()
+FAST = ["--max-steps", "2", "--batch-size", "4", "--max-length", "24", "--eval-steps", "2", "--save-steps", "2",
+        "--eval-fraction", "0.125", "--report-to", "none", "--lr", "1e-3", "--logging-steps", "1"]
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"question": r["prompt"], "answer": r["completion"]}) + "\n" for r in ADDITION))
+    return path
+
+
+def test_phds_train_runs_phds_and_saves_a_loadable_checkpoint(tmp_path, data_file):
+    out = tmp_path / "out"
+    args = ["train", "tiny:olmoe", "--data", str(data_file), "--k", "2-4", "--anchor-k", "2", "--out", str(out),
+            "--prompt-column", "question", "--completion-column", "answer", *FAST]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "saved" in result.output
+    sidecar = phds.read_sidecar(out)
+    assert sidecar.method == "phds" and sidecar.ks == [2, 3, 4] and sidecar.anchor_k == 2
+    assert set(sidecar.validation_loss) == {"2", "3", "4"}
+    assert transformers.AutoModelForCausalLM.from_pretrained(out).config.num_experts_per_tok == 4
+    assert (out / "checkpoints" / "checkpoint-2").is_dir()
+
+
+def test_phds_train_fixed_k_runs_an_oracle(tmp_path, data_file):
+    out = tmp_path / "oracle"
+    args = ["train", "tiny:mixtral", "--data", str(data_file), "--fixed-k", "2", "--out", str(out),
+            "--prompt-column", "question", "--completion-column", "answer", *FAST]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    sidecar = phds.read_sidecar(out)
+    assert sidecar.method == "oracle" and sidecar.ks == [2]
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("k_above_experts", "between 1 and"),
+        ("anchor_not_declared", "anchor_k"),
+        ("missing_file", "not found"),
+        ("empty_file", "empty"),
+        ("wrong_columns", "needs a `text` column"),
+        ("dense_model", "no MoE layers"),
+        ("bad_k_list", "--k"),
+        ("bad_select_by", "select_by"),
+    ],
+)
+def test_bad_input_fails_before_training_and_writes_nothing(tmp_path, data_file, case, message):
+    out = tmp_path / "never"
+    model, data, extra = "tiny:olmoe", str(data_file), ["--prompt-column", "question", "--completion-column", "answer"]
+    k = ["--k", "2,3,4"]
+    if case == "k_above_experts":
+        k = ["--k", "2,9"]
+    elif case == "anchor_not_declared":
+        k = ["--k", "2,3,4", "--anchor-k", "1"]
+    elif case == "missing_file":
+        data = str(tmp_path / "nope.jsonl")
+    elif case == "empty_file":
+        data = str(_write(tmp_path / "empty.jsonl", []))
+    elif case == "wrong_columns":
+        extra = []
+    elif case == "dense_model":
+        dense = transformers.AutoModelForCausalLM.from_config(
+            transformers.LlamaConfig(vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1)
+        )
+        dense.save_pretrained(tmp_path / "dense")
+        phds.tiny_tokenizer().save_pretrained(tmp_path / "dense")
+        model = str(tmp_path / "dense")
+    elif case == "bad_k_list":
+        k = ["--k", "two"]
+    elif case == "bad_select_by":
+        extra = [*extra, "--select-by", "median"]
+    result = runner.invoke(app, ["train", model, "--data", data, "--out", str(out), *k, *extra, *FAST])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert not out.exists()
+
+
+def test_phds_train_help_documents_every_option_with_its_default():
+    result = runner.invoke(app, ["train", "--help"], terminal_width=200, env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    for option in ("--data", "--k", "--anchor-k", "--fixed-k", "--out", "--lora", "--resume", "--mask-epsilon",
+                   "--aux-loss-coef", "--select-by", "--eval-data", "--packing"):
+        assert option in text
+    assert "[default: 0.06]" in text and "[default: k_pre]" in text
