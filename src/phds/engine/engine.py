@@ -4,10 +4,13 @@ Shape suffixes: B rows, S sequence, V vocabulary.
 
 `step()` admits waiting requests into free rows (prefill), then runs one decode step for every running row.
 Rows join and leave between steps; the server drives the engine from one background thread (not thread-safe).
+While rows are running the model's dial belongs to the engine (one k per row); it is restored when the engine
+goes idle, so do not run the same model elsewhere between steps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import numbers
 from collections import deque
@@ -99,6 +102,8 @@ class Engine:
         self.dtype = next(model.parameters()).dtype
         self.cache = SlotCache(num_layers=config.num_hidden_layers, num_rows=max_batch_size, max_len=max_seq_len)
         self._cancelled: set[str] = set()
+        self._dial_stack = contextlib.ExitStack()
+        self._dialled: tuple[int, ...] | None = None
 
     # ------------------------------------------------------------------ queue
 
@@ -156,6 +161,8 @@ class Engine:
             events.extend(self._admit(joining))
         if decoding:
             events.extend(self._decode(decoding))
+        if not self._rows:
+            self._release_dial()
         return events
 
     def generate(
@@ -205,9 +212,8 @@ class Engine:
         masks = attention_masks(self.config, begin_B, lengths, num_new, self.cache.span, self.dtype)
         positions_BQ = begin_B.unsqueeze(1) + torch.arange(num_new, device=self.device)
         last_B1 = (lengths - 1 - begin_B).unsqueeze(1)
-        ks = [row.request.k for row in rows]
-        k = ks[0] if len(set(ks)) == 1 else torch.tensor(ks, device=self.device)
-        with torch.inference_mode(), dial.sparsity(self.model, k):
+        self._dial_rows(tuple(row.request.k for row in rows))
+        with torch.inference_mode():
             out = self.model(
                 input_ids=input_ids_BQ,
                 attention_mask=masks,
@@ -217,6 +223,21 @@ class Engine:
                 logits_to_keep=last_B1,
             )
         return out.logits[:, 0]
+
+    def _dial_rows(self, ks: tuple[int, ...]) -> None:
+        """Dial the model to one k per row. Dialling walks the whole model (about a millisecond), so the dial is
+        held across steps and only changed when the rows' ks change; `_release_dial` restores the model's own k
+        when the engine goes idle."""
+        if ks == self._dialled:
+            return
+        self._release_dial()
+        k = ks[0] if len(set(ks)) == 1 else torch.tensor(ks, device=self.device)
+        self._dial_stack.enter_context(dial.sparsity(self.model, k))
+        self._dialled = ks
+
+    def _release_dial(self) -> None:
+        self._dial_stack.close()
+        self._dialled = None
 
     def _admit(self, requests: list[Request]) -> list[TokenEvent]:
         """Prefill `requests` together into the rows after the running ones."""

@@ -1,0 +1,409 @@
+"""`phds bench`: decode and prefill speed per k, our engine against stock transformers in the same run.
+
+Every figure is a median over repeated measurements (the machine is shared and noisy). For each k it reports
+- decode ms/token at each batch size: the engine (the "phds" experts) and stock `generate()` with each requested
+  stock experts implementation, timed per step with a logits processor;
+- the bandwidth floor at batch 1: bytes of the weights one token touches at k (`phds.dial.active_parameters`)
+  divided by the memory bandwidth measured in the same run (a large tensor sum);
+- prefill tokens/s for the engine and stock;
+- optionally a training step (forward + backward) with the "phds" experts against stock grouped_mm;
+and one mixed-k row: requests at k = 1, 1, 2, 2, 4, 4, 8, 8 decoded as one batch against the same requests one
+after another, with their outputs compared.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from phds import dial
+from phds.engine.engine import Engine, Request
+from phds.engine.experts import IMPLEMENTATION
+from phds.engine.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# The OLMoE-shaped random model of issue 7: 64 experts, k_pre 8, 8 layers, hidden 512, fp32 (1.7 GB).
+PRESETS: dict[str, tuple[str, dict]] = {
+    "issue7": (
+        "olmoe",
+        dict(
+            num_experts=64,
+            num_experts_per_tok=8,
+            num_hidden_layers=8,
+            hidden_size=512,
+            intermediate_size=512,
+            vocab_size=8192,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            max_position_embeddings=4096,
+        ),
+    ),
+}
+
+
+@dataclass(kw_only=True)
+class BenchConfig:
+    """What `bench` measures.
+
+    Attributes:
+        model: checkpoint directory, hub name or `tiny:<family>`; or None with `tiny_config`.
+        tiny_config: a preset ("issue7") or `family:field=value,...` for a random tiny model.
+        ks: experts per token to measure.
+        batches: decode batch sizes.
+        prompt_len: prompt tokens per request.
+        new_tokens: decode steps timed per measurement.
+        repeats: measurements per figure (the median is reported).
+        stock: stock transformers experts implementations to compare against.
+        mixed: also run the mixed-k batch row.
+        train: also time a training step (`train_batch` x `train_seq`) per k.
+        threads: torch threads (None keeps torch's default).
+        seed: prompts and the random model.
+    """
+
+    model: str | None = None
+    tiny_config: str | None = "issue7"
+    ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    batches: list[int] = field(default_factory=lambda: [1])
+    prompt_len: int = 64
+    new_tokens: int = 32
+    repeats: int = 3
+    stock: list[str] = field(default_factory=lambda: ["grouped_mm", "eager"])
+    mixed: bool = True
+    train: bool = False
+    train_batch: int = 4
+    train_seq: int = 128
+    threads: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("prompt_len", "new_tokens", "repeats", "train_batch", "train_seq"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
+        if self.new_tokens < 2:
+            raise ValueError(f"`new_tokens` must be >= 2 to time a decode step, got {self.new_tokens}")
+        for name in ("ks", "batches"):
+            values = getattr(self, name)
+            if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+                raise ValueError(f"`{name}` must be a non-empty list of integers >= 1, got {values!r}")
+        unknown = [s for s in self.stock if s not in ("eager", "grouped_mm", "batched_mm")]
+        if unknown:
+            raise ValueError(f"`stock` must name eager, grouped_mm or batched_mm, got {unknown}")
+        if (self.model is None) == (self.tiny_config is None):
+            raise ValueError("give exactly one of `model` and `tiny_config`")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"`threads` must be an integer >= 1, got {self.threads!r}")
+
+
+def build_model(config: BenchConfig):
+    """The model to benchmark, in eval mode (fp32 for tiny configs).
+
+    Example: `build_model(BenchConfig(tiny_config="olmoe:num_experts=16"))`.
+    """
+    if config.model is not None:
+        from phds.loading import load
+
+        model, _ = load(config.model, tokenizer=False, device="cpu")
+        return model
+    from phds.tiny import tiny_model
+
+    name = config.tiny_config
+    if name in PRESETS:
+        arch, overrides = PRESETS[name]
+    else:
+        arch, _, fields = name.partition(":")
+        overrides = {}
+        for item in filter(None, (f.strip() for f in fields.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"`tiny_config` fields must be key=value, got {item!r} in {name!r}")
+            overrides[key] = _literal(value)
+    return tiny_model(arch, seed=config.seed, **overrides)
+
+
+def _literal(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+def measure_bandwidth(num_bytes: int = 512 * 2**20, repeats: int = 7) -> float:
+    """Memory read bandwidth in bytes/s: the median time to sum a `num_bytes` fp32 tensor.
+
+    Example: `measure_bandwidth() / 1e9  # GB/s`.
+    """
+    data = torch.ones(num_bytes // 4)
+    data.sum()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        times.append(time.perf_counter() - start)
+    return num_bytes / _median(times)
+
+
+def floor_seconds(model, k: int, bandwidth: float) -> float:
+    """Time to read the weights one token touches at `k` once, at `bandwidth` bytes/s (batch 1 decode floor)."""
+    element = next(model.parameters()).element_size()
+    return dial.active_parameters(model, k) * element / bandwidth
+
+
+class _StepTimer(LogitsProcessor):
+    """Records when each generation step's logits arrive (stock `generate()` timing)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def _prompts(config: BenchConfig, batch: int, vocab: int, offset: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(config.seed + offset)
+    return torch.randint(4, vocab, (batch, config.prompt_len), generator=generator)
+
+
+def stock_decode(model, prompts_BS: torch.Tensor, k: int, implementation: str, new_tokens: int):
+    """(prefill seconds, median decode-step seconds) of stock `generate()` at `k` with `implementation`."""
+    model.set_experts_implementation(implementation)
+    timer = _StepTimer()
+    with dial.sparsity(model, k), torch.inference_mode():
+        start = time.perf_counter()
+        model.generate(
+            prompts_BS,
+            attention_mask=torch.ones_like(prompts_BS),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            logits_processor=LogitsProcessorList([timer]),
+            pad_token_id=0,
+        )
+    steps = [b - a for a, b in zip(timer.times, timer.times[1:], strict=False)]
+    return timer.times[0] - start, _median(steps)
+
+
+def engine_decode(engine: Engine, prompts_BS: torch.Tensor, ks: list[int], new_tokens: int):
+    """(prefill seconds, median decode-step seconds, outputs) of the engine: one step admits all rows."""
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    for i, (prompt, k) in enumerate(zip(prompts_BS.tolist(), ks, strict=True)):
+        engine.add(Request(request_id=f"bench-{i}", prompt_ids=prompt, k=k, params=params))
+    outputs: dict[str, list[int]] = {}
+    times = [time.perf_counter()]
+    while engine.has_work():
+        for event in engine.step():
+            outputs.setdefault(event.request_id, []).append(event.token_id)
+        times.append(time.perf_counter())
+    steps = [b - a for a, b in zip(times[1:], times[2:], strict=False)]
+    ordered = [outputs[f"bench-{i}"] for i in range(len(ks))]
+    return times[1] - times[0], _median(steps), ordered
+
+
+def train_step_seconds(model, k: int, implementation: str, batch: int, seq: int, repeats: int, seed: int) -> float:
+    """Median seconds of one forward + backward (causal-LM loss) at `k` with `implementation`."""
+    model.set_experts_implementation(implementation)
+    ids = torch.randint(4, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    times = []
+    model.train()
+    try:
+        with dial.sparsity(model, k):
+            for _ in range(repeats + 1):
+                start = time.perf_counter()
+                model(ids, labels=ids).loss.backward()
+                times.append(time.perf_counter() - start)
+                model.zero_grad(set_to_none=True)
+    finally:
+        model.eval()
+    return _median(times[1:])
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def bench(config: BenchConfig, progress: Callable[[str], None] | None = None) -> dict:
+    """Run every measurement of `config` and return the results (JSON-ready).
+
+    Args:
+        config: what to measure.
+        progress: called with a short description before each measurement (the CLI drives a progress bar).
+
+    Example: `bench(BenchConfig(tiny_config="olmoe", ks=[1, 4], repeats=1))["decode"][0]["engine_ms"]`.
+    """
+    note = progress or (lambda text: None)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    note("building the model")
+    model = build_model(config).eval()
+    max_k = min(layer.num_experts for layer in dial.moe_layers(model))
+    too_big = [k for k in config.ks if k > max_k]
+    if too_big:
+        raise ValueError(f"`ks` must be at most the number of experts ({max_k}), got {too_big}")
+    saved_implementation = model.config._experts_implementation
+    vocab = model.config.vocab_size
+    note("measuring memory bandwidth")
+    bandwidth = measure_bandwidth()
+    max_batch = max(config.batches + ([8] if config.mixed else []))
+    max_len = config.prompt_len + config.new_tokens + 1
+    model.set_experts_implementation(IMPLEMENTATION)
+    engine = Engine(model, max_batch_size=max_batch, max_seq_len=max_len)
+    results: dict = {
+        "config": asdict(config),
+        "model": {
+            "class": type(model).__name__,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "dtype": str(next(model.parameters()).dtype),
+            "num_experts": max_k,
+            "k_pre": dial.k_pre(model),
+            "layers": model.config.num_hidden_layers,
+        },
+        "machine": {"threads": torch.get_num_threads(), "bandwidth_GBps": bandwidth / 1e9},
+        "decode": [],
+        "prefill": [],
+        "mixed": None,
+        "train": [],
+    }
+    for batch in config.batches:
+        for k in config.ks:
+            row = {"k": k, "batch": batch, "engine_ms": [], "stock_ms": {s: [] for s in config.stock}}
+            prefill = {
+                "k": k,
+                "batch": batch,
+                "tokens": batch * config.prompt_len,
+                "engine_s": [],
+                "stock_s": {s: [] for s in config.stock},
+            }
+            for repeat in range(config.repeats):
+                prompts = _prompts(config, batch, vocab, offset=repeat)
+                note(f"decode k={k} batch={batch} repeat {repeat + 1}: engine")
+                model.set_experts_implementation(IMPLEMENTATION)
+                pre, step, _ = engine_decode(engine, prompts, [k] * batch, config.new_tokens)
+                row["engine_ms"].append(step * 1e3)
+                prefill["engine_s"].append(pre)
+                for implementation in config.stock:
+                    note(f"decode k={k} batch={batch} repeat {repeat + 1}: stock {implementation}")
+                    pre, step = stock_decode(model, prompts, k, implementation, config.new_tokens)
+                    row["stock_ms"][implementation].append(step * 1e3)
+                    prefill["stock_s"][implementation].append(pre)
+            results["decode"].append(_summarise_decode(row, model, k, batch, bandwidth))
+            results["prefill"].append(_summarise_prefill(prefill))
+    if config.mixed:
+        results["mixed"] = _mixed_row(config, engine, model, vocab, note)
+    if config.train:
+        for k in config.ks:
+            note(f"training step k={k}")
+            entry = {"k": k, "batch": config.train_batch, "seq": config.train_seq}
+            for implementation in (IMPLEMENTATION, "grouped_mm"):
+                entry[f"{implementation}_s"] = train_step_seconds(
+                    model, k, implementation, config.train_batch, config.train_seq, config.repeats, config.seed
+                )
+            entry["speedup_vs_grouped_mm"] = entry["grouped_mm_s"] / entry[f"{IMPLEMENTATION}_s"]
+            results["train"].append(entry)
+    model.set_experts_implementation(saved_implementation)
+    results["goals"] = _goals(results)
+    return results
+
+
+def _summarise_decode(row: dict, model, k: int, batch: int, bandwidth: float) -> dict:
+    engine_ms = _median(row["engine_ms"])
+    stock_ms = {name: _median(values) for name, values in row["stock_ms"].items()}
+    out = {
+        "k": k,
+        "batch": batch,
+        "engine_ms": engine_ms,
+        "engine_tok_s": batch * 1e3 / engine_ms,
+        "stock_ms": stock_ms,
+        "speedup": {name: ms / engine_ms for name, ms in stock_ms.items()},
+        "samples": row["engine_ms"],
+    }
+    if batch == 1:
+        out["floor_ms"] = floor_seconds(model, k, bandwidth) * 1e3
+        out["x_floor"] = engine_ms / out["floor_ms"]
+    return out
+
+
+def _summarise_prefill(prefill: dict) -> dict:
+    tokens = prefill["tokens"]
+    engine = tokens / _median(prefill["engine_s"])
+    stock = {name: tokens / _median(values) for name, values in prefill["stock_s"].items()}
+    return {
+        "k": prefill["k"],
+        "batch": prefill["batch"],
+        "tokens": tokens,
+        "engine_tok_s": engine,
+        "stock_tok_s": stock,
+        "vs_best_stock": engine / max(stock.values()) if stock else None,
+    }
+
+
+def _mixed_row(config: BenchConfig, engine: Engine, model, vocab: int, note) -> dict:
+    ks = [k for k in (1, 1, 2, 2, 4, 4, 8, 8) if k <= min(layer.num_experts for layer in dial.moe_layers(model))]
+    model.set_experts_implementation(IMPLEMENTATION)
+    batched_s, sequential_s, identical = [], [], True
+    for repeat in range(config.repeats):
+        prompts = _prompts(config, len(ks), vocab, offset=100 + repeat)
+        note(f"mixed-k batch {ks} repeat {repeat + 1}")
+        start = time.perf_counter()
+        _, _, together = engine_decode(engine, prompts, ks, config.new_tokens)
+        batched_s.append(time.perf_counter() - start)
+        note(f"mixed-k one after another repeat {repeat + 1}")
+        start = time.perf_counter()
+        alone = [engine_decode(engine, prompts[i : i + 1], [k], config.new_tokens)[2][0] for i, k in enumerate(ks)]
+        sequential_s.append(time.perf_counter() - start)
+        identical &= together == alone
+    tokens = len(ks) * config.new_tokens
+    return {
+        "ks": ks,
+        "tokens": tokens,
+        "batched_tok_s": tokens / _median(batched_s),
+        "sequential_tok_s": tokens / _median(sequential_s),
+        "speedup": _median(sequential_s) / _median(batched_s),
+        "outputs_identical": identical,
+    }
+
+
+def _goals(results: dict) -> dict:
+    """The issue's goals, evaluated on this run's figures (True/False, None when not measured)."""
+    batch1 = {row["k"]: row for row in results["decode"] if row["batch"] == 1}
+    goals: dict = {}
+    if batch1:
+        goals["decode_within_2x_floor"] = all(row["x_floor"] <= 2.0 for row in batch1.values())
+        if "eager" in next(iter(batch1.values()))["speedup"]:
+            goals["decode_3x_faster_than_eager"] = all(row["speedup"]["eager"] >= 3.0 for row in batch1.values())
+        low, high = min(batch1), max(batch1)
+        if low != high:
+            time_ratio = batch1[high]["engine_ms"] / batch1[low]["engine_ms"]
+            floor_ratio = batch1[high]["floor_ms"] / batch1[low]["floor_ms"]
+            goals["dial_payoff"] = {
+                "time_ratio": time_ratio,
+                "floor_ratio": floor_ratio,
+                "met": time_ratio >= 0.8 * floor_ratio,
+            }
+    if results["mixed"] is not None:
+        goals["mixed_batch_2_5x"] = results["mixed"]["speedup"] >= 2.5 and results["mixed"]["outputs_identical"]
+    prefill = [row["vs_best_stock"] for row in results["prefill"] if row["vs_best_stock"] is not None]
+    if prefill:
+        goals["prefill_not_slower_than_best_stock"] = all(ratio >= 1.0 for ratio in prefill)
+    if results["train"]:
+        train = {row["k"]: row for row in results["train"]}
+        goals["train_not_slower_than_grouped_mm"] = all(row["speedup_vs_grouped_mm"] >= 1.0 for row in train.values())
+        if len(train) > 1:
+            low, high = min(train), max(train)
+            goals["train_k_low_vs_high"] = train[low][f"{IMPLEMENTATION}_s"] / train[high][f"{IMPLEMENTATION}_s"]
+    return goals

@@ -1,0 +1,81 @@
+"""`phds bench` runs end to end on a tiny model, reports every section and checks its configuration."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from phds.cli import app
+from phds.engine.benchmark import BenchConfig, bench, build_model
+
+
+def test_bench_reports_decode_prefill_mixed_and_train_with_identical_mixed_outputs():
+    config = BenchConfig(
+        tiny_config="olmoe:num_experts=8",
+        ks=[1, 4],
+        batches=[1, 2],
+        prompt_len=6,
+        new_tokens=3,
+        repeats=1,
+        stock=["grouped_mm"],
+        train=True,
+        train_batch=2,
+        train_seq=8,
+    )
+    results = bench(config)
+    assert [(row["k"], row["batch"]) for row in results["decode"]] == [(1, 1), (4, 1), (1, 2), (4, 2)]
+    assert all(row["floor_ms"] > 0 for row in results["decode"] if row["batch"] == 1)
+    assert results["prefill"][0]["tokens"] == 6
+    assert results["mixed"]["outputs_identical"] is True
+    assert results["mixed"]["ks"] == [1, 1, 2, 2, 4, 4, 8, 8]
+    assert {row["k"] for row in results["train"]} == {1, 4}
+    assert "dial_payoff" in results["goals"]
+
+
+def test_bench_cli_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--tiny-config",
+            "mixtral:num_local_experts=6",
+            "--k",
+            "2",
+            "--prompt-len",
+            "4",
+            "--new-tokens",
+            "2",
+            "--repeats",
+            "1",
+            "--stock",
+            "grouped_mm",
+            "--no-mixed",
+            "--json",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["decode"][0]["k"] == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(new_tokens=1), "new_tokens"),
+        (dict(ks=[]), "ks"),
+        (dict(stock=["fast"]), "stock"),
+        (dict(model="x"), "exactly one"),
+    ],
+)
+def test_bad_bench_config_raises_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BenchConfig(**kwargs)
+
+
+def test_tiny_config_fields_are_parsed_and_k_above_experts_is_rejected():
+    assert build_model(BenchConfig(tiny_config="olmoe:num_experts=4,num_experts_per_tok=2")).config.num_experts == 4
+    result = CliRunner().invoke(app, ["bench", "--tiny-config", "olmoe:num_experts=4", "--k", "9"])
+    assert result.exit_code == 2 and "ks" in result.output
