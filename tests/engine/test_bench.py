@@ -77,5 +77,5 @@ def test_bad_bench_config_raises_value_error(kwargs, match):
 
 def test_tiny_config_fields_are_parsed_and_k_above_experts_is_rejected():
     assert build_model(BenchConfig(tiny_config="olmoe:num_experts=4,num_experts_per_tok=2")).config.num_experts == 4
-    result = CliRunner().invoke(app, ["bench", "--tiny-config", "olmoe:num_experts=4", "--k", "9"])
+    result = CliRunner().invoke(app, ["bench", "--tiny-config", "olmoe:num_experts=6", "--k", "9"])
     assert result.exit_code == 2 and "ks" in result.output
