@@ -11,10 +11,10 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
-# A k in a request: experts per token, or "auto" for load-adaptive sparsity.
-KField = int | Literal["auto"] | None
+# A k in a request: experts per token, or "auto" for load-adaptive sparsity. Strict, so `true` is not k=1.
+KField = StrictInt | Literal["auto"] | None
 
 _K_DESCRIPTION = (
     "Experts per token for this request (one of the checkpoint's declared ks), or 'auto' to let the server pick "
