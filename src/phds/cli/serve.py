@@ -37,16 +37,30 @@ def serve(
         from phds.serving.server import serve as run
 
         config = ServeConfig(
-            model=model, served_model_name=served_model_name, k_set=parse_ks(k_set, "--k-set") if k_set else None,
-            default_k=default_k, host=host, port=port, api_key=api_key or os.environ.get("PHDS_API_KEY") or None,
-            max_batch=max_batch, max_queue=max_queue, max_model_len=max_model_len, auto_target_ms=auto_target_ms,
-            auto_queue_step=auto_queue_step, drain_timeout_s=drain_timeout_s, dtype=dtype, device=device,
-            compile=compile, trust_remote_code=trust_remote_code, log_level=log_level,
+            model=model,
+            served_model_name=served_model_name,
+            k_set=parse_ks(k_set, "--k-set") if k_set else None,
+            default_k=default_k,
+            host=host,
+            port=port,
+            api_key=api_key or os.environ.get("PHDS_API_KEY") or None,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            max_model_len=max_model_len,
+            auto_target_ms=auto_target_ms,
+            auto_queue_step=auto_queue_step,
+            drain_timeout_s=drain_timeout_s,
+            dtype=dtype,
+            device=device,
+            compile=compile,
+            trust_remote_code=trust_remote_code,
+            log_level=log_level,
         )
         service = Service.from_config(config)
     auto = f", auto target {config.auto_target_ms} ms" if config.auto_target_ms else ""
     console.print(
         f"serving [bold]{service.model_name}[/] at ks {service.ks} (default k={service.default_k}{auto}) on "
-        f"http://{config.host}:{config.port}/v1" + ("  (API key required)" if config.api_key else "")
+        f"http://{config.host}:{config.port}/v1" + ("  (API key required)" if config.api_key else ""),
+        soft_wrap=True,
     )
     run(config, service)
