@@ -46,15 +46,33 @@ def test_single_token_decode_path_matches_eager(arch):
     torch.testing.assert_close(sparse(token).logits, eager(token).logits, rtol=1e-5, atol=1e-6)
 
 
-def test_zero_weight_slots_are_never_computed(monkeypatch):
+@pytest.mark.parametrize("with_grad", [False, True])
+def test_zero_weight_slots_are_never_computed(monkeypatch, with_grad):
     model = phds.tiny_model("olmoe", num_experts_per_tok=4)
     model.set_experts_implementation("phds")
     phds.set_k(model, torch.tensor([1, 3]))  # the router picks 3 slots per token; row 0 keeps 1 of them
-    seen = []
-    loop = experts_module._pairs_loop
-    monkeypatch.setattr(experts_module, "_pairs_loop", lambda e, x, ids: seen.append(len(ids)) or loop(e, x, ids))
-    model(torch.tensor([[5], [9]]))
-    assert seen == [4, 4]  # per layer 1 + 3 kept pairs, not 2 x 3 routed slots
+    rows = []
+    if with_grad:  # training path: one grouped matmul over the kept pairs
+        grouped = experts_module._pairs_grouped
+        monkeypatch.setattr(
+            experts_module, "_pairs_grouped", lambda e, x, ids, n: rows.append(len(ids)) or grouped(e, x, ids, n)
+        )
+    else:  # decode path: each hit expert once on its tokens
+        mlp = experts_module._expert_mlp
+        monkeypatch.setattr(experts_module, "_expert_mlp", lambda e, x, i: rows.append(x.shape[0]) or mlp(e, x, i))
+    with torch.set_grad_enabled(with_grad):
+        model(torch.tensor([[5], [9]]))
+    assert sum(rows) == 2 * (1 + 3)  # per layer 1 + 3 kept pairs, not 2 x 3 routed slots
+
+
+def test_decode_path_matches_the_training_path_for_a_batch_of_rows():
+    model = phds.tiny_model("gpt_oss")
+    model.set_experts_implementation("phds")
+    phds.set_k(model, torch.tensor([1, 2, 4]))
+    tokens = torch.tensor([[5], [9], [11]])
+    with torch.no_grad():
+        fast = model(tokens).logits
+    torch.testing.assert_close(fast, model(tokens).logits.detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_epsilon_slots_are_computed_like_eager(input_ids):

@@ -10,7 +10,8 @@ weight (the dial's "faithful" mode) are non-zero and are computed.
 
 Kept pairs are sorted by expert and run as one grouped matmul over the stacked weights (no weight copy, no Python
 loop over experts), with autograd, so training at a low k is proportionally cheaper too. At decode (a handful of
-pairs) a loop over the few hit experts is cheaper than the grouped kernel's setup and is used instead.
+pairs, no autograd) the kept slots are grouped by expert in Python and each hit expert runs once: fewer ops than
+the grouped kernel's bookkeeping.
 
 Registered in transformers' experts interface when `phds.engine` is imported:
 `model.set_experts_implementation("phds")` or `phds.load(..., experts_implementation="phds")`.
@@ -24,8 +25,9 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterfac
 
 IMPLEMENTATION = "phds"
 
-# Below this many kept pairs a Python loop over the hit experts beats grouped_mm's sort/offset setup on CPU.
-_LOOP_MAX_PAIRS = 16
+# Up to this many routed (token, slot) pairs without autograd (decode), slots are grouped by expert in Python:
+# fewer tensor ops than grouped_mm's sort/offset/scatter bookkeeping, which dominates when only a few pairs exist.
+_FEW_PAIRS = 64
 
 
 def _up_weights(experts: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -59,27 +61,48 @@ def _pairs_grouped(experts, x_SD, expert_S, num_experts: int) -> torch.Tensor:
     return out_SD
 
 
-def _pairs_loop(experts, x_SD, expert_S) -> torch.Tensor:
-    """Expert outputs for pairs sorted by expert, one pair of matmuls per hit expert (few pairs: decode)."""
+def _expert_mlp(experts, x_nD: torch.Tensor, e: int) -> torch.Tensor:
+    """Expert `e` applied to a few rows (no gather of its weights: a view of the stacked parameter)."""
     up_weight, up_bias = _up_weights(experts)
-    ids, counts = torch.unique_consecutive(expert_S, return_counts=True)
-    outs = []
-    start = 0
-    for e, n in zip(ids.tolist(), counts.tolist(), strict=True):
-        x_nD = x_SD[start : start + n]
-        start += n
-        if experts.is_transposed:
-            up = x_nD @ up_weight[e]
-        else:
-            up = F.linear(x_nD, up_weight[e])
-        if up_bias is not None:
-            up = up + up_bias[e]
-        h = _activate(experts, up)
-        out = h @ experts.down_proj[e] if experts.is_transposed else F.linear(h, experts.down_proj[e])
-        if experts.has_bias:
-            out = out + experts.down_proj_bias[e]
-        outs.append(out)
-    return torch.cat(outs) if len(outs) > 1 else outs[0]
+    up = x_nD @ up_weight[e] if experts.is_transposed else F.linear(x_nD, up_weight[e])
+    if up_bias is not None:
+        up = up + up_bias[e]
+    h = _activate(experts, up)
+    out = h @ experts.down_proj[e] if experts.is_transposed else F.linear(h, experts.down_proj[e])
+    if experts.has_bias:
+        out = out + experts.down_proj_bias[e]
+    if experts.has_post_expert_norm:
+        out = experts.post_expert_norm(out)
+    return out
+
+
+def _few_tokens(experts, hidden_TD: torch.Tensor, expert_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    """Decode path (a few tokens, no autograd): group the kept slots by expert in Python and run each hit expert
+    once on its tokens. About six tensor ops per hit expert and none per dropped slot: at batch 1 and k=1 this is
+    two matmuls per layer plus a handful of small ops, where the sort/scatter bookkeeping of the grouped path costs
+    more than the expert itself."""
+    num_tokens = hidden_TD.shape[0]
+    ids, weights = expert_TK.tolist(), weights_TK.tolist()
+    groups: dict[int, list[tuple[int, float]]] = {}
+    for t in range(num_tokens):
+        for e, w in zip(ids[t], weights[t], strict=True):
+            if w != 0.0:
+                groups.setdefault(e, []).append((t, w))
+    out_TD = hidden_TD.new_zeros(hidden_TD.shape)
+    if num_tokens == 1:
+        x_1D = hidden_TD
+        for e, [(_, w)] in groups.items():
+            out_TD.add_(_expert_mlp(experts, x_1D, e), alpha=w)
+        return out_TD
+    for e, members in groups.items():
+        tokens = [t for t, _ in members]
+        rows = torch.tensor(tokens, device=hidden_TD.device)
+        w_n1 = torch.tensor([w for _, w in members], device=hidden_TD.device, dtype=hidden_TD.dtype).unsqueeze(1)
+        y_nD = _expert_mlp(experts, hidden_TD[rows], e) * w_n1
+        # index_add_ stalls for milliseconds in its parallel path when the other cores are busy; tokens are
+        # distinct within one expert, so a gather-add-scatter is exact and cheap.
+        out_TD[rows] = out_TD[rows] + y_nD
+    return out_TD
 
 
 def phds_experts_forward(
@@ -96,6 +119,9 @@ def phds_experts_forward(
     num_tokens, hidden_dim = hidden_states.shape
     num_slots = top_k_index.shape[-1]
     weights_TK = top_k_weights.reshape(num_tokens, num_slots)
+    grad = torch.is_grad_enabled() and (hidden_states.requires_grad or top_k_weights.requires_grad)
+    if not grad and num_tokens * num_slots <= _FEW_PAIRS and not self._is_expert_parallel:
+        return _few_tokens(self, hidden_states, top_k_index.reshape(num_tokens, num_slots), weights_TK)
     with torch.no_grad():
         expert_TK = top_k_index.reshape(num_tokens, num_slots)
         keep_TK = weights_TK != 0
@@ -107,11 +133,7 @@ def phds_experts_forward(
         token_S = torch.div(slot_S, num_slots, rounding_mode="floor")
     if slot_S.numel() == 0:
         return hidden_states.new_zeros(num_tokens, hidden_dim)
-    x_SD = hidden_states[token_S]
-    if slot_S.numel() <= _LOOP_MAX_PAIRS:
-        y_SD = _pairs_loop(self, x_SD, expert_S)
-    else:
-        y_SD = _pairs_grouped(self, x_SD, expert_S, self.num_experts)
+    y_SD = _pairs_grouped(self, hidden_states[token_S], expert_S, self.num_experts)
     if self.has_post_expert_norm:
         y_SD = self.post_expert_norm(y_SD)
     y_SD = y_SD * weights_TK.reshape(-1)[slot_S].unsqueeze(-1).to(y_SD.dtype)
