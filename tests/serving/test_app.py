@@ -198,6 +198,22 @@ def test_malformed_json_is_a_400_in_openai_shape(server):
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
 
+def test_an_engine_failure_is_a_500_in_openai_shape_and_the_server_keeps_serving(client, server):
+    engine = server[1].runner.engine
+
+    def broken():
+        raise RuntimeError("device lost")
+
+    engine.step = broken  # the runner thread calls engine.step() on its next iteration
+    try:
+        with pytest.raises(openai.InternalServerError) as error:
+            client.completions.create(model=MODEL_NAME, prompt="a", max_tokens=2)
+    finally:
+        del engine.step
+    assert "device lost" in error.value.body["message"] and error.value.body["type"] == "internal_error"
+    assert client.completions.create(model=MODEL_NAME, prompt="a", max_tokens=2).choices
+
+
 def test_api_key_is_required_when_set(checkpoint):
     with live_server(checkpoint, api_key="sesame") as (base_url, _):
         with pytest.raises(openai.AuthenticationError):

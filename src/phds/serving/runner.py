@@ -99,6 +99,13 @@ class EngineRunner:
     # ---------------------------------------------------------------------------------------- engine thread
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as error:  # anything outside step(): no engine thread any more, so end every stream
+            logger.exception("the engine thread failed")
+            self._cancel_all(f"error: {error}")
+
+    def _loop(self) -> None:
         while True:
             self._wake.clear()
             self._apply_commands()

@@ -177,9 +177,7 @@ class Service:
         if wanted == AUTO:
             if self.auto_policy is None:
                 raise bad_request("`k`='auto' needs a server started with --auto-target-ms", "k", "auto_k_disabled")
-            chosen = self.auto_policy.choose(queue_depth=self.queue_depth())
-            self.metrics.auto_k_chosen.labels(k=str(chosen)).inc()
-            return chosen, True
+            return self.auto_policy.choose(queue_depth=self.queue_depth()), True
         if wanted is None:
             return self.default_k, False
         if wanted not in self.ks:
@@ -224,6 +222,7 @@ class Service:
     def _job(self, endpoint: str, request, prompt_ids: list[int], max_tokens: int | None) -> Job:
         if self.closing:
             raise shutting_down()
+        k, auto = self.resolve_k(request.model, request.k)  # 404 / 400 for the model and k come first
         room = self.max_model_len - len(prompt_ids)
         if room < 1:
             raise bad_request(
@@ -239,7 +238,6 @@ class Service:
                 "max_tokens",
                 "context_length_exceeded",
             )
-        k, auto = self.resolve_k(request.model, request.k)
         return Job(
             request_id=new_id("cmpl" if endpoint == "completions" else "chatcmpl"),
             endpoint=endpoint,
@@ -264,6 +262,8 @@ class Service:
         """Refuse with a 503 when `max_batch + max_queue` requests are already in flight."""
         if self.closing:
             raise shutting_down()
+        if not self.runner.alive:
+            raise APIError(503, "The decode engine is not running.", type="overloaded_error", code="engine_down")
         if self.in_flight >= self.max_batch + self.max_queue:
             raise queue_full(retry_after_s=1)
 
@@ -281,6 +281,8 @@ class Service:
         )
         request = Request(request_id=job.request_id, prompt_ids=job.prompt_ids, k=job.k, params=params)
         label = str(job.k)
+        if job.auto:
+            self.metrics.auto_k_chosen.labels(k=label).inc()
         arrived = self.clock()
         first = last = None
         count = 0
@@ -343,7 +345,7 @@ class Service:
 
     def health(self) -> dict:
         return {
-            "status": "draining" if self.closing else ("ok" if self.runner.alive else "starting"),
+            "status": "draining" if self.closing else ("ok" if self.runner.alive else "engine down"),
             "model": self.model_name,
             "ks": self.ks,
             "default_k": self.default_k,
