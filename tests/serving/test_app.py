@@ -127,6 +127,24 @@ def test_stop_string_cuts_the_text_before_it(client, greedy):
     assert answer.choices[0].finish_reason == "stop"
 
 
+def test_sampling_with_a_seed_is_reproducible(client):
+    def sample(seed: int) -> str:
+        answer = client.completions.create(
+            model=MODEL_NAME,
+            prompt="roll",
+            max_tokens=12,
+            temperature=1.5,
+            top_p=0.95,
+            seed=seed,
+            extra_body={"return_token_ids": True},
+        )
+        return answer.choices[0].model_extra["token_ids"]
+
+    first = sample(7)
+    assert sample(7) == first
+    assert len({tuple(sample(seed)) for seed in range(4)} | {tuple(first)}) > 1  # seeds do change the samples
+
+
 def test_auto_k_runs_at_the_largest_k_meeting_the_latency_target(client, server):
     service = server[1]
     shared = service.auto_policy

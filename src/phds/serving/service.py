@@ -11,12 +11,10 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from phds import dial
-from phds.loading import load, sidecar_of
+from phds.loading import load
 from phds.serving.autok import AutoKPolicy
-from phds.serving.config import ServeConfig
+from phds.serving.config import ServeConfig, resolve_ks, served_name
 from phds.serving.detok import TextStream
 from phds.serving.errors import APIError, bad_request, model_not_found, queue_full, shutting_down
 from phds.serving.metrics import ServingMetrics
@@ -196,6 +194,7 @@ class Service:
     # ------------------------------------------------------------------------------------------- preparation
 
     def prepare_completion(self, request: CompletionRequest) -> Job:
+        """Validate and tokenise a completions request (special tokens added, as the tokenizer does by default)."""
         if isinstance(request.prompt, str):
             prompt_ids = self.tokenizer(request.prompt, add_special_tokens=True).input_ids
         else:
@@ -206,6 +205,7 @@ class Service:
         return self._job("completions", request, prompt_ids, request.max_tokens)
 
     def prepare_chat(self, request: ChatCompletionRequest) -> Job:
+        """Validate a chat request and render it with the tokenizer's chat template (generation prompt added)."""
         messages = []
         try:
             for message in request.messages:
@@ -344,6 +344,7 @@ class Service:
                     self.metrics.auto_k_latency_ms.labels(k=label).set(latency)
 
     def health(self) -> dict:
+        """What `GET /health` answers: status, the served ks and the current load."""
         return {
             "status": "draining" if self.closing else ("ok" if self.runner.alive else "engine down"),
             "model": self.model_name,
@@ -360,38 +361,3 @@ def _finish_reason(event) -> str:
     if reason.startswith("error"):
         raise APIError(500, f"the engine failed: {reason}", type="internal_error", code="engine_error")
     return reason
-
-
-def resolve_ks(model, k_set: list[int] | None, default_k: int | None) -> tuple[list[int], int]:
-    """The declared ks and default k: `k_set` if given, else the sidecar's, else [k_pre]; validated.
-
-    Example: `resolve_ks(model, None, None) == ([1, 2, 4], 4)` for a checkpoint whose sidecar declares 1, 2, 4.
-    """
-    sidecar = sidecar_of(model)
-    k_pre = dial.k_pre(model)
-    num_experts = dial.num_experts(model)
-    if k_set is not None:
-        ks = sorted(set(k_set))
-        if sidecar is not None and not set(ks) <= set(sidecar.ks):
-            logger.warning("serving ks %s outside the checkpoint's declared ks %s", ks, sidecar.ks)
-    elif sidecar is not None:
-        ks = list(sidecar.ks)
-    else:
-        ks = [k_pre]
-    bad = [k for k in ks if not 1 <= k <= num_experts]
-    if bad:
-        raise ValueError(f"`k_set` values must be in [1, {num_experts}] (experts per layer), got {bad}")
-    if default_k is None:
-        if sidecar is not None and sidecar.default_k in ks:
-            default_k = sidecar.default_k
-        else:
-            default_k = k_pre if k_pre in ks else max(ks)
-    if default_k not in ks:
-        raise ValueError(f"`default_k` must be one of the served ks {ks}, got {default_k}")
-    return ks, default_k
-
-
-def served_name(model: str) -> str:
-    """The model name clients use by default: a checkpoint directory's name, else the name as given."""
-    path = Path(model)
-    return path.resolve().name if path.is_dir() else model
