@@ -29,6 +29,7 @@ def bench(
     new_tokens: int = typer.Option(32, help="Decode steps timed per measurement."),
     repeats: int = typer.Option(3, help="Measurements per figure; medians are reported."),
     stock: str = typer.Option("grouped_mm,eager", help="Stock experts implementations to compare against."),
+    decode: bool = typer.Option(True, help="Time decode and prefill per k (--no-decode for a training-only run)."),
     mixed: bool = typer.Option(True, help="Also time 8 requests at k=1,1,2,2,4,4,8,8 as one batch vs one by one."),
     train: bool = typer.Option(False, help="Also time a training step (forward+backward) per k."),
     train_batch: int = typer.Option(4, help="Training step batch size."),
@@ -51,6 +52,7 @@ def bench(
             new_tokens=new_tokens,
             repeats=repeats,
             stock=_names(stock),
+            decode=decode,
             mixed=mixed,
             train=train,
             train_batch=train_batch,
@@ -76,36 +78,39 @@ def _print(results: dict) -> None:
         f"experts, k_pre {info['k_pre']}; {machine['threads']} threads, bandwidth {machine['bandwidth_GBps']:.1f} GB/s"
     )
     stock = list(results["config"]["stock"])
-    table = Table(title="decode (ms per token per sequence; medians)")
-    for column in (
-        ["k", "batch", "engine ms", "floor ms", "x floor"] + [f"{s} ms" for s in stock] + [f"vs {s}" for s in stock]
-    ):
-        table.add_column(column, justify="right")
-    for row in results["decode"]:
-        table.add_row(
-            str(row["k"]),
-            str(row["batch"]),
-            f"{row['engine_ms']:.2f}",
-            f"{row['floor_ms']:.2f}" if "floor_ms" in row else "-",
-            f"{row['x_floor']:.2f}" if "x_floor" in row else "-",
-            *[f"{row['stock_ms'][s]:.2f}" for s in stock],
-            *[f"{row['speedup'][s]:.2f}x" for s in stock],
-        )
-    console.print(table)
-    table = Table(title="prefill (tokens/s; medians)")
-    for column in ["k", "batch", "tokens", "engine"] + stock + ["vs best stock"]:
-        table.add_column(column, justify="right")
-    for row in results["prefill"]:
-        ratio = row["vs_best_stock"]
-        table.add_row(
-            str(row["k"]),
-            str(row["batch"]),
-            str(row["tokens"]),
-            f"{row['engine_tok_s']:.0f}",
-            *[f"{row['stock_tok_s'][s]:.0f}" for s in stock],
-            f"{ratio:.2f}x" if ratio is not None else "-",
-        )
-    console.print(table)
+    if results["decode"]:
+        table = Table(title="decode (ms per token per sequence; medians)")
+        for column in (
+            ["k", "batch", "engine ms", "floor ms", "x floor"]
+            + [f"{s} ms" for s in stock]
+            + [f"vs {s}" for s in stock]
+        ):
+            table.add_column(column, justify="right")
+        for row in results["decode"]:
+            table.add_row(
+                str(row["k"]),
+                str(row["batch"]),
+                f"{row['engine_ms']:.2f}",
+                f"{row['floor_ms']:.2f}" if "floor_ms" in row else "-",
+                f"{row['x_floor']:.2f}" if "x_floor" in row else "-",
+                *[f"{row['stock_ms'][s]:.2f}" for s in stock],
+                *[f"{row['speedup'][s]:.2f}x" for s in stock],
+            )
+        console.print(table)
+        table = Table(title="prefill (tokens/s; medians)")
+        for column in ["k", "batch", "tokens", "engine"] + stock + ["vs best stock"]:
+            table.add_column(column, justify="right")
+        for row in results["prefill"]:
+            ratio = row["vs_best_stock"]
+            table.add_row(
+                str(row["k"]),
+                str(row["batch"]),
+                str(row["tokens"]),
+                f"{row['engine_tok_s']:.0f}",
+                *[f"{row['stock_tok_s'][s]:.0f}" for s in stock],
+                f"{ratio:.2f}x" if ratio is not None else "-",
+            )
+        console.print(table)
     mixed = results["mixed"]
     if mixed is not None:
         console.print(

@@ -61,6 +61,7 @@ class BenchConfig:
         new_tokens: decode steps timed per measurement.
         repeats: measurements per figure (the median is reported).
         stock: stock transformers experts implementations to compare against.
+        decode: run the decode and prefill rows (off for a training-only run).
         mixed: also run the mixed-k batch row.
         train: also time a training step (`train_batch` x `train_seq`) per k.
         threads: torch threads (None keeps torch's default).
@@ -75,6 +76,7 @@ class BenchConfig:
     new_tokens: int = 32
     repeats: int = 3
     stock: list[str] = field(default_factory=lambda: ["grouped_mm", "eager"])
+    decode: bool = True
     mixed: bool = True
     train: bool = False
     train_batch: int = 4
@@ -279,7 +281,7 @@ def bench(config: BenchConfig, progress: Callable[[str], None] | None = None) ->
         "mixed": None,
         "train": [],
     }
-    for batch in config.batches:
+    for batch in config.batches if config.decode else []:
         for k in config.ks:
             row = {"k": k, "batch": batch, "engine_ms": [], "stock_ms": {s: [] for s in config.stock}}
             prefill = {
