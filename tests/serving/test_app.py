@@ -161,6 +161,34 @@ def test_auto_k_runs_at_the_largest_k_meeting_the_latency_target(client, server)
     assert 'phds_auto_k_chosen_total{k="2"} 2.0' in metrics
 
 
+def test_auto_k_is_lowered_as_the_queue_grows(checkpoint):
+    config = dict(max_batch=1, max_queue=4, max_model_len=8192, auto_target_ms=1000.0, auto_queue_step=1)
+    with live_server(checkpoint, **config) as (base_url, service):
+        client = openai.OpenAI(base_url=base_url, api_key="x", max_retries=0)
+        messages = [{"role": "user", "content": "q"}]
+
+        def auto_k() -> int:  # a chat stream's first chunk (the role) is sent before decoding and carries k
+            stream = client.chat.completions.create(model=f"{MODEL_NAME}@auto", messages=messages, stream=True)
+            k = next(iter(stream)).model_extra["k"]
+            stream.close()
+            return k
+
+        assert auto_k() == 4
+        held = []
+        for _ in range(3):  # one request decoding in the only slot, two waiting for it
+            stream = client.chat.completions.create(
+                model=MODEL_NAME, messages=messages, max_tokens=8000, stream=True, extra_body={"ignore_eos": True}
+            )
+            next(iter(stream))
+            held.append(stream)
+        wait_until(lambda: service.in_flight == 3, "three requests in flight")
+        assert service.queue_depth() == 2
+        assert auto_k() == 1  # 4 -> 2 -> 1: one declared step per waiting request
+        for stream in held:
+            stream.close()
+        wait_until(lambda: idle(service), "the held requests to be cancelled")
+
+
 def test_health_and_metrics_report_the_model_and_per_k_series(client, server):
     client.completions.create(model=f"{MODEL_NAME}@k1", prompt="m", max_tokens=2)
     root = server[0].removesuffix("/v1")
