@@ -1,0 +1,80 @@
+"""Callbacks in isolation: the dial per step, the progress bar on rank zero only, best-checkpoint bookkeeping."""
+
+from __future__ import annotations
+
+from transformers import TrainerControl, TrainerState, TrainingArguments
+
+import phds
+from phds.schedule import PHDSSchedule
+from phds.training import BestCheckpointCallback, PHDSCallback, RichProgressCallback
+
+ARGS = TrainingArguments(output_dir="unused", report_to="none")
+
+
+def _state(step=0, max_steps=10, rank_zero=True, log_history=None):
+    state = TrainerState(max_steps=max_steps, global_step=step, is_world_process_zero=rank_zero)
+    state.log_history = log_history or []
+    return state
+
+
+def test_the_phds_callback_dials_the_schedules_k_and_restores_the_k_on_train_end():
+    model = phds.tiny_model("olmoe")
+    schedule = PHDSSchedule(ks=[1, 2, 3], seed=4)
+    callback = PHDSCallback(schedule)
+    callback.on_train_begin(ARGS, _state(), TrainerControl(), model=model)
+    for step in range(10):
+        callback.on_step_begin(ARGS, _state(step), TrainerControl(), model=model)
+        assert phds.get_k(model) == schedule.k_at(step, 10)
+    assert callback.k_history == schedule.sequence(10)
+    logs = {"loss": 1.0}
+    callback.on_log(ARGS, _state(10), TrainerControl(), logs=logs)
+    assert logs["k"] == schedule.k_at(9, 10)
+    callback.on_train_end(ARGS, _state(10), TrainerControl(), model=model)
+    assert phds.get_k(model) == 4
+
+
+def test_the_phds_callback_applies_epsilon_and_renormalisation_options():
+    model = phds.tiny_model("olmoe")
+    callback = PHDSCallback(PHDSSchedule.fixed(2), epsilon=1e-6)
+    callback.on_train_begin(ARGS, _state(), TrainerControl(), model=model)
+    callback.on_step_begin(ARGS, _state(0), TrainerControl(), model=model)
+    router = phds.moe_layers(model)[0].router
+    assert router._phds_plan.epsilon == 1e-6 and router.top_k == 4  # epsilon routes at k_pre, keeps 2
+
+
+def test_the_progress_bar_shows_step_k_and_loss_on_rank_zero_only():
+    phds_callback = PHDSCallback(PHDSSchedule.fixed(3))
+    phds_callback.current_k = 3
+    bar = RichProgressCallback(phds_callback)
+    bar.on_train_begin(ARGS, _state(0, 5), TrainerControl())
+    bar.on_log(ARGS, _state(1, 5), TrainerControl(), logs={"loss": 2.5})
+    bar.on_step_end(ARGS, _state(2, 5), TrainerControl())
+    task = bar.progress.tasks[0]
+    assert task.completed == 2 and task.total == 5
+    assert task.fields["k"] == 3 and task.fields["loss"] == "2.5000"
+    bar.on_train_end(ARGS, _state(5, 5), TrainerControl())
+    assert bar.progress is None
+
+    other_rank = RichProgressCallback(phds_callback)
+    other_rank.on_train_begin(ARGS, _state(0, 5, rank_zero=False), TrainerControl())
+    other_rank.on_step_end(ARGS, _state(1, 5, rank_zero=False), TrainerControl())
+    assert other_rank.progress is None
+
+
+def test_best_checkpoint_saves_only_on_improvement_and_resumes_its_best_from_the_log_history():
+    saved = []
+    callback = BestCheckpointCallback([2, 4], lambda model, step, losses: saved.append((step, losses)))
+    callback.on_train_begin(ARGS, _state(), TrainerControl())
+    for step, score in ((2, 3.0), (4, 2.0), (6, 2.5)):
+        metrics = {"eval_loss": score, "eval_loss_k2": score + 0.1, "eval_loss_k4": score}
+        callback.on_evaluate(ARGS, _state(step), TrainerControl(), metrics=metrics, model=None)
+    assert [s for s, _ in saved] == [2, 4]
+    assert callback.best_step == 4 and callback.best_losses == {2: 2.1, 4: 2.0}
+
+    resumed = BestCheckpointCallback([2, 4], lambda model, step, losses: saved.append((step, losses)))
+    history = [{"eval_loss": 3.0, "eval_loss_k2": 3.1, "eval_loss_k4": 3.0, "step": 2},
+               {"eval_loss": 2.0, "eval_loss_k2": 2.1, "eval_loss_k4": 2.0, "step": 4}]
+    resumed.on_train_begin(ARGS, _state(5, log_history=history), TrainerControl())
+    assert resumed.best_step == 4 and resumed.best_losses == {2: 2.1, 4: 2.0}
+    resumed.on_evaluate(ARGS, _state(6), TrainerControl(), metrics={"eval_loss": 2.5}, model=None)
+    assert len(saved) == 2  # not better than the checkpoint already on disk
