@@ -70,6 +70,8 @@ def load(
     """
     device = torch.device(device) if device is not None else default_device()
     name = str(name_or_path)
+    if experts_implementation == "phds":
+        import phds.engine  # noqa: F401  registers the "phds" experts implementation with transformers
     if name.startswith(TINY_PREFIX):
         arch = name[len(TINY_PREFIX):]
         if arch not in FAMILIES:

@@ -82,7 +82,7 @@ def test_epsilon_slots_are_computed_like_eager(input_ids):
     torch.testing.assert_close(sparse(input_ids).logits, eager(input_ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_registration_is_idempotent_and_load_accepts_phds():
+def test_registration_is_idempotent_and_load_accepts_phds():  # load imports phds.engine itself
     phds.engine.register()
     phds.engine.register()
     model, _ = phds.load("tiny:olmoe", experts_implementation="phds", tokenizer=False)
