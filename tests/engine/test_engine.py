@@ -110,3 +110,15 @@ def test_sliding_window_rows_longer_than_the_window_match_generate():
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12, do_sample=False
             )
         assert output == ref[0, len(prompt) :].tolist()
+
+
+def test_engine_runs_the_sparse_experts_and_restores_the_models_own_setting_when_idle():
+    model = phds.tiny_model("olmoe")
+    model.set_experts_implementation("eager")
+    engine = Engine(model)
+    engine.add(Request(request_id="r", prompt_ids=[1, 5], k=2, params=SamplingParams(max_new_tokens=3)))
+    engine.step()
+    assert model.config._experts_implementation == "phds" and phds.get_k(model) == 2
+    while engine.has_work():
+        engine.step()
+    assert model.config._experts_implementation == "eager" and phds.get_k(model) == 4

@@ -4,8 +4,9 @@ Shape suffixes: B rows, S sequence, V vocabulary.
 
 `step()` admits waiting requests into free rows (prefill), then runs one decode step for every running row.
 Rows join and leave between steps; the server drives the engine from one background thread (not thread-safe).
-While rows are running the model's dial belongs to the engine (one k per row); it is restored when the engine
-goes idle, so do not run the same model elsewhere between steps.
+While rows are running the model's dial (one k per row) and its experts implementation (the sparse "phds" path)
+belong to the engine; both are restored when the engine goes idle, so do not run the same model elsewhere between
+steps.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from phds import dial
 from phds.engine.cache import SlotCache, attention_masks
+from phds.engine.experts import IMPLEMENTATION
 from phds.engine.sampling import SamplingParams, choose_tokens, make_generator
 
 logger = logging.getLogger(__name__)
@@ -233,6 +235,7 @@ class Engine:
         self._release_dial()
         k = ks[0] if len(set(ks)) == 1 else torch.tensor(ks, device=self.device)
         self._dial_stack.enter_context(dial.sparsity(self.model, k))
+        self._dial_stack.enter_context(_experts_implementation(self.model, IMPLEMENTATION))
         self._dialled = ks
 
     def _release_dial(self) -> None:
@@ -289,6 +292,20 @@ class Engine:
         for request_id in finished:
             self._remove(request_id)
         return events
+
+
+@contextlib.contextmanager
+def _experts_implementation(model, name: str):
+    """Run with transformers' experts implementation `name` (the sparse "phds" path), restoring the model's own."""
+    saved = model.config._experts_implementation
+    if saved == name or not model._can_set_experts_implementation():
+        yield
+        return
+    model.set_experts_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_experts_implementation(saved)
 
 
 def _eos_ids(model, tokenizer) -> frozenset[int]:
