@@ -4,12 +4,12 @@
 - decode ms/token: `(time(generate n+1 tokens) - time(generate 1 token)) / n`, per sequence step;
 - active parameters per token: `phds.dial.active_parameters(model, k)`.
 
-Each timing is the median of `repeats` runs after one warm-up. Numbers are only comparable within one machine.
+Each timing is the fastest of `repeats` runs after one warm-up (as `timeit` advises: slower runs measure other
+load on the machine, not the model). Numbers are only comparable within one machine.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass
 
@@ -26,7 +26,7 @@ class LatencyConfig:
         prompt_tokens: prompt length of the prefill measurement.
         new_tokens: decode steps timed.
         batch_size: rows per call.
-        repeats: timed runs (median) after one warm-up.
+        repeats: timed runs (the fastest counts) after one warm-up.
         seed: seed of the random prompt ids.
     """
 
@@ -80,8 +80,8 @@ def measure_latency(model, k: int, config: LatencyConfig | None = None) -> dict[
         _timed_generate(model, ids_BT, config.new_tokens + 1, pad)  # warm-up
         first = [_timed_generate(model, ids_BT, 1, pad) for _ in range(config.repeats)]
         full = [_timed_generate(model, ids_BT, config.new_tokens + 1, pad) for _ in range(config.repeats)]
-    prefill_s = statistics.median(first)
-    decode_s = max(statistics.median(full) - prefill_s, 0.0) / config.new_tokens
+    prefill_s = min(first)
+    decode_s = max(min(full) - prefill_s, 0.0) / config.new_tokens
     return {
         "active_params": int(dial.active_parameters(model, k)),
         "prefill_tokens_per_s": config.prompt_tokens * config.batch_size / prefill_s,

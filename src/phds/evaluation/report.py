@@ -145,19 +145,24 @@ def plot_frontier(
                         fontsize=8,
                         color=line[0].get_color(),
                     )
-            direction = (
-                ""
-                if next(r for r in results_list if task_name in r["tasks"])["tasks"][task_name]["higher_is_better"]
-                else " (lower is better)"
-            )
-            primary = next(r for r in results_list if task_name in r["tasks"])["tasks"][task_name]["primary"]
-            ax.set_ylabel(f"{task_name}: {primary}{direction}")
+            task_info = next(r for r in results_list if task_name in r["tasks"])["tasks"][task_name]
+            better = "higher" if task_info["higher_is_better"] else "lower"
+            ax.set_title(task_name, fontsize=10)
+            ax.set_ylabel(f"{task_info['primary']} ({better} is better)")
             ax.set_xlabel("active parameters per token (M)" if col == 0 else "decode ms/token (measured)")
             ax.grid(alpha=0.3)
-            if row == 0:
-                ax.legend(fontsize=8)
-    fig.suptitle("quality vs cost across k (error bars: 95% bootstrap CI)")
-    fig.tight_layout()
+    handles, names = axes[0][0].get_legend_handles_labels()
+    height = fig.get_figheight()  # inches: title, then the legend, then the panels
+    fig.suptitle("quality vs cost across k (error bars: 95% bootstrap CI)", y=1.0 - 0.08 / height, va="top")
+    fig.legend(
+        handles,
+        names,
+        loc="upper center",
+        ncol=min(4, len(names)),
+        fontsize=9,
+        bbox_to_anchor=(0.5, 1.0 - 0.4 / height),
+    )
+    fig.tight_layout(rect=(0, 0, 1, 1.0 - 0.8 / height))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
@@ -170,20 +175,25 @@ def plot_agreement(results: dict[str, Any], path: str | os.PathLike):
     """
     plt = _pyplot()
     names = list(results["tasks"])
-    fig, axes = plt.subplots(1, len(names), figsize=(3.8 * len(names), 3.6), squeeze=False)
-    for ax, name in zip(axes[0], names, strict=True):
+    cols = min(4, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(names) :]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, names, strict=False):
         agreement = results["tasks"][name]["agreement"]
         ks, matrix = agreement["ks"], agreement["matrix"]
         image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis")
         ax.set_xticks(range(len(ks)), [str(k) for k in ks])
         ax.set_yticks(range(len(ks)), [str(k) for k in ks])
         ax.set_xlabel("k'")
-        ax.set_ylabel("k")
+        if ax in axes[:, 0]:
+            ax.set_ylabel("k")
         for i, row in enumerate(matrix):
             for j, v in enumerate(row):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color="white" if v < 0.6 else "black")
         ax.set_title(f"{name}", fontsize=10)
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="agreement")
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="agreement")
     fig.suptitle(f"{results['model']}: agreement between k and k'", fontsize=10)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
