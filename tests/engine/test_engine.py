@@ -122,3 +122,13 @@ def test_engine_runs_the_sparse_experts_and_restores_the_models_own_setting_when
     while engine.has_work():
         engine.step()
     assert model.config._experts_implementation == "eager" and phds.get_k(model) == 4
+
+
+def test_compile_is_ignored_with_a_warning_on_cpu(caplog):
+    model = phds.tiny_model("olmoe")
+    with caplog.at_level("WARNING", logger="phds.engine.engine"):
+        engine = Engine(model, compile=True)
+    assert "compile=True is ignored" in caplog.text
+    assert engine.generate([PROMPTS[1]], 2, SamplingParams(max_new_tokens=4)) == Engine(model).generate(
+        [PROMPTS[1]], 2, SamplingParams(max_new_tokens=4)
+    )
