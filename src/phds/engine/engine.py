@@ -95,6 +95,7 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
         self.compile = bool(compile)
+        self.device = next(model.parameters()).device
         self._decode_forward = model.forward
         if self.compile and self.device.type == "cuda":
             # Only the one-token decode forward is compiled (gpt-fast's split); prefill shapes vary too much.
