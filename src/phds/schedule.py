@@ -67,7 +67,9 @@ class PHDSSchedule:
             weights = list(self.weights)
             if len(weights) != len(ks):
                 raise ValueError(f"`weights` must have one entry per k in ks={self.ks}, got weights={self.weights!r}")
-            if any(not isinstance(w, numbers.Real) or not math.isfinite(w) or w < 0 for w in weights) or not sum(weights):
+            if any(not isinstance(w, numbers.Real) or not math.isfinite(w) or w < 0 for w in weights) or not sum(
+                weights
+            ):
                 raise ValueError(f"`weights` must be finite, non-negative and not all zero, got {self.weights!r}")
             total = float(sum(weights))
             self.weights = [float(weights[i]) / total for i in order]
@@ -131,11 +133,13 @@ class PHDSSchedule:
             return self.ks[0]
         u = np.random.default_rng([int(self.seed), int(step)]).random()
         cumulative = 0.0
-        for k, p in zip(self.ks, probs):
+        for k, p in zip(self.ks, probs, strict=True):
             cumulative += p
             if u < cumulative:
                 return k
-        return next(k for k, p in zip(reversed(self.ks), reversed(probs)) if p > 0)  # u landed in round-off
+        return next(
+            k for k, p in zip(reversed(self.ks), reversed(probs), strict=True) if p > 0
+        )  # u landed in round-off
 
     def sequence(self, total_steps: int) -> list[int]:
         """The k of every step of a run: `[k_at(s, total_steps) for s in range(total_steps)]`.
@@ -146,7 +150,7 @@ class PHDSSchedule:
 
     def mean_k(self) -> float:
         """The expected k outside the anchor phase (what a fixed-k oracle matches for cost comparisons)."""
-        return float(sum(k * p for k, p in zip(self.ks, self.mixture())))
+        return float(sum(k * p for k, p in zip(self.ks, self.mixture(), strict=True)))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -34,15 +34,35 @@ def main(out: str, record_dir: str) -> None:
     torch.set_num_threads(1)
     recorder = _RecordRoutedK()
     config = PHDSConfig(
-        output_dir=out, ks=[1, 2, 3, 4], anchor_fraction=0.25, max_steps=4, per_device_train_batch_size=2,
-        per_device_eval_batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-3, max_length=16,
-        eval_steps=2, save_strategy="no", eval_fraction=0.125, report_to="none", disable_tqdm=True,
-        dataloader_pin_memory=False, optim="adamw_torch", use_cpu=True, ddp_backend="gloo", seed=0,
+        output_dir=out,
+        ks=[1, 2, 3, 4],
+        anchor_fraction=0.25,
+        max_steps=4,
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-3,
+        max_length=16,
+        eval_steps=2,
+        save_strategy="no",
+        eval_fraction=0.125,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+        optim="adamw_torch",
+        use_cpu=True,
+        ddp_backend="gloo",
+        seed=0,
     )
     result = train("tiny:olmoe", config, train_data=ROWS, callbacks=[recorder])
     rank = int(os.environ["RANK"])
-    record = {"rank": rank, "world_size": int(os.environ["WORLD_SIZE"]), "k_history": result.k_history,
-              "forward_ks": recorder.forward_ks, "validation_loss": {str(k): v for k, v in result.validation_loss.items()}}
+    record = {
+        "rank": rank,
+        "world_size": int(os.environ["WORLD_SIZE"]),
+        "k_history": result.k_history,
+        "forward_ks": recorder.forward_ks,
+        "validation_loss": {str(k): v for k, v in result.validation_loss.items()},
+    }
     Path(record_dir, f"rank{rank}.json").write_text(json.dumps(record))
 
 

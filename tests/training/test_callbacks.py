@@ -72,8 +72,10 @@ def test_best_checkpoint_saves_only_on_improvement_and_resumes_its_best_from_the
     assert callback.best_step == 4 and callback.best_losses == {2: 2.1, 4: 2.0}
 
     resumed = BestCheckpointCallback([2, 4], lambda model, step, losses: saved.append((step, losses)))
-    history = [{"eval_loss": 3.0, "eval_loss_k2": 3.1, "eval_loss_k4": 3.0, "step": 2},
-               {"eval_loss": 2.0, "eval_loss_k2": 2.1, "eval_loss_k4": 2.0, "step": 4}]
+    history = [
+        {"eval_loss": 3.0, "eval_loss_k2": 3.1, "eval_loss_k4": 3.0, "step": 2},
+        {"eval_loss": 2.0, "eval_loss_k2": 2.1, "eval_loss_k4": 2.0, "step": 4},
+    ]
     resumed.on_train_begin(ARGS, _state(5, log_history=history), TrainerControl())
     assert resumed.best_step == 4 and resumed.best_losses == {2: 2.1, 4: 2.0}
     resumed.on_evaluate(ARGS, _state(6), TrainerControl(), metrics={"eval_loss": 2.5}, model=None)

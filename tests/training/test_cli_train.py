@@ -13,8 +13,26 @@ from phds.cli import app
 from tests.training.conftest import ADDITION
 
 runner = CliRunner()
-FAST = ["--max-steps", "2", "--batch-size", "4", "--max-length", "24", "--eval-steps", "2", "--save-steps", "2",
-        "--eval-fraction", "0.125", "--report-to", "none", "--lr", "1e-3", "--logging-steps", "1"]
+FAST = [
+    "--max-steps",
+    "2",
+    "--batch-size",
+    "4",
+    "--max-length",
+    "24",
+    "--eval-steps",
+    "2",
+    "--save-steps",
+    "2",
+    "--eval-fraction",
+    "0.125",
+    "--report-to",
+    "none",
+    "--lr",
+    "1e-3",
+    "--logging-steps",
+    "1",
+]
 
 
 @pytest.fixture
@@ -26,8 +44,23 @@ def data_file(tmp_path):
 
 def test_phds_train_runs_phds_and_saves_a_loadable_checkpoint(tmp_path, data_file):
     out = tmp_path / "out"
-    args = ["train", "tiny:olmoe", "--data", str(data_file), "--k", "2-4", "--anchor-k", "2", "--out", str(out),
-            "--prompt-column", "question", "--completion-column", "answer", *FAST]
+    args = [
+        "train",
+        "tiny:olmoe",
+        "--data",
+        str(data_file),
+        "--k",
+        "2-4",
+        "--anchor-k",
+        "2",
+        "--out",
+        str(out),
+        "--prompt-column",
+        "question",
+        "--completion-column",
+        "answer",
+        *FAST,
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "saved" in result.output
@@ -40,8 +73,21 @@ def test_phds_train_runs_phds_and_saves_a_loadable_checkpoint(tmp_path, data_fil
 
 def test_phds_train_fixed_k_runs_an_oracle(tmp_path, data_file):
     out = tmp_path / "oracle"
-    args = ["train", "tiny:mixtral", "--data", str(data_file), "--fixed-k", "2", "--out", str(out),
-            "--prompt-column", "question", "--completion-column", "answer", *FAST]
+    args = [
+        "train",
+        "tiny:mixtral",
+        "--data",
+        str(data_file),
+        "--fixed-k",
+        "2",
+        "--out",
+        str(out),
+        "--prompt-column",
+        "question",
+        "--completion-column",
+        "answer",
+        *FAST,
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     sidecar = phds.read_sidecar(out)
@@ -82,8 +128,14 @@ def test_bad_input_fails_before_training_and_writes_nothing(tmp_path, data_file,
         extra = []
     elif case == "dense_model":
         dense = transformers.AutoModelForCausalLM.from_config(
-            transformers.LlamaConfig(vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                     num_attention_heads=2, num_key_value_heads=1)
+            transformers.LlamaConfig(
+                vocab_size=128,
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+            )
         )
         dense.save_pretrained(tmp_path / "dense")
         phds.tiny_tokenizer().save_pretrained(tmp_path / "dense")
@@ -102,7 +154,19 @@ def test_phds_train_help_documents_every_option_with_its_default():
     result = runner.invoke(app, ["train", "--help"], terminal_width=200, env={"COLUMNS": "200"})
     assert result.exit_code == 0
     text = " ".join(result.output.split())
-    for option in ("--data", "--k", "--anchor-k", "--fixed-k", "--out", "--lora", "--resume", "--mask-epsilon",
-                   "--aux-loss-coef", "--select-by", "--eval-data", "--packing"):
+    for option in (
+        "--data",
+        "--k",
+        "--anchor-k",
+        "--fixed-k",
+        "--out",
+        "--lora",
+        "--resume",
+        "--mask-epsilon",
+        "--aux-loss-coef",
+        "--select-by",
+        "--eval-data",
+        "--packing",
+    ):
         assert option in text
     assert "[default: 0.06]" in text and "[default: k_pre]" in text

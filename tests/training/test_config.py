@@ -18,9 +18,23 @@ def test_config_defaults_suit_a_cpu_and_keep_the_sft_recipe():
 
 def test_every_phds_field_has_help_for_the_argument_parser():
     fields = PHDSConfig.__dataclass_fields__
-    for name in ("ks", "anchor_k", "anchor_fraction", "k_weights", "schedule_seed", "fixed_k", "mask_epsilon",
-                 "renormalize", "aux_loss_coef", "select_by", "lora", "lora_target_parameters", "train_router",
-                 "eval_fraction", "prompt_column"):
+    for name in (
+        "ks",
+        "anchor_k",
+        "anchor_fraction",
+        "k_weights",
+        "schedule_seed",
+        "fixed_k",
+        "mask_epsilon",
+        "renormalize",
+        "aux_loss_coef",
+        "select_by",
+        "lora",
+        "lora_target_parameters",
+        "train_router",
+        "eval_fraction",
+        "prompt_column",
+    ):
         assert fields[name].metadata.get("help"), name
     (config,) = HfArgumentParser(PHDSConfig).parse_args_into_dataclasses(
         ["--output_dir", "o", "--ks", "2", "3", "4", "--anchor_k", "2", "--select_by", "mean"]

@@ -18,7 +18,8 @@ def _load(name: str):
 
 
 @pytest.mark.parametrize(
-    ("name", "function", "ks", "anchor"), [("olmoe", "olmoe_phds", [4, 5, 6, 7, 8], 4), ("qwen_moe", "qwen_moe_phds", [2, 3, 4], 2)]
+    ("name", "function", "ks", "anchor"),
+    [("olmoe", "olmoe_phds", [4, 5, 6, 7, 8], 4), ("qwen_moe", "qwen_moe_phds", [2, 3, 4], 2)],
 )
 def test_recipes_declare_the_papers_k_sets_and_their_oracles(tmp_path, name, function, ks, anchor):
     build = getattr(_load(name), function)

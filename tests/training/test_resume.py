@@ -39,18 +39,29 @@ def _config(out, resume: bool):
 
 def test_a_killed_and_resumed_run_ends_with_the_same_k_history_and_weights(tmp_path, addition_rows):
     whole_model = phds.tiny_model("olmoe")
-    whole = train(whole_model, _config(tmp_path / "whole", resume=False), train_data=addition_rows,
-                  tokenizer=phds.tiny_tokenizer())
+    whole = train(
+        whole_model,
+        _config(tmp_path / "whole", resume=False),
+        train_data=addition_rows,
+        tokenizer=phds.tiny_tokenizer(),
+    )
 
     out = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):
-        train(phds.tiny_model("olmoe"), _config(out, resume=False), train_data=addition_rows,
-              tokenizer=phds.tiny_tokenizer(), callbacks=[_Kill(at=5)])
+        train(
+            phds.tiny_model("olmoe"),
+            _config(out, resume=False),
+            train_data=addition_rows,
+            tokenizer=phds.tiny_tokenizer(),
+            callbacks=[_Kill(at=5)],
+        )
     assert (out / "checkpoints" / "checkpoint-3").is_dir()
     assert not (out / "checkpoints" / "checkpoint-6").exists()
 
     resumed_model = phds.tiny_model("olmoe", seed=1)  # other initial weights: the checkpoint must overwrite them
-    resumed = train(resumed_model, _config(out, resume=True), train_data=addition_rows, tokenizer=phds.tiny_tokenizer())
+    resumed = train(
+        resumed_model, _config(out, resume=True), train_data=addition_rows, tokenizer=phds.tiny_tokenizer()
+    )
 
     assert resumed.global_step == whole.global_step == STEPS
     assert resumed.k_history == whole.k_history
@@ -70,3 +81,45 @@ def test_a_fresh_run_refuses_an_output_dir_holding_another_runs_checkpoints(tmp_
     (out / "checkpoints" / "checkpoint-3" / "trainer_state.json").write_text("{}")
     with pytest.raises(ValueError, match="earlier run"):
         train("tiny:olmoe", _config(out, resume=False), train_data=addition_rows)
+
+
+def test_a_resumed_lora_run_restores_its_adapters_and_its_trained_routers(tmp_path, addition_rows):
+    def config(out, resume):
+        return fast_config(
+            out,
+            ks=[2, 4],
+            lora=True,
+            lora_r=2,
+            lora_alpha=4,
+            max_steps=5,
+            save_strategy="steps",
+            save_steps=2,
+            eval_strategy="no",
+            eval_fraction=0.0,
+            resume_from_checkpoint="last" if resume else None,
+        )
+
+    whole_model = phds.tiny_model("olmoe")
+    whole = train(
+        whole_model, config(tmp_path / "whole", False), train_data=addition_rows, tokenizer=phds.tiny_tokenizer()
+    )
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            phds.tiny_model("olmoe"),
+            config(out, False),
+            train_data=addition_rows,
+            tokenizer=phds.tiny_tokenizer(),
+            callbacks=[_Kill(at=3)],
+        )
+    resumed_model = phds.tiny_model("olmoe")
+    resumed = train(resumed_model, config(out, True), train_data=addition_rows, tokenizer=phds.tiny_tokenizer())
+    assert resumed.k_history == whole.k_history
+    whole_state, resumed_state = whole_model.state_dict(), resumed_model.state_dict()
+    assert set(whole_state) == set(resumed_state)
+    assert any(".mlp.gate.weight" in name for name in whole_state)
+    for name, value in whole_state.items():
+        torch.testing.assert_close(resumed_state[name], value, rtol=0, atol=0, msg=name)
+    for name, value in phds.tiny_model("olmoe").state_dict().items():
+        if name.endswith("mlp.gate.weight"):
+            assert not torch.equal(whole_state[name], value)  # the routers did train

@@ -74,8 +74,8 @@ def test_the_saved_checkpoint_is_the_one_with_the_best_selection_loss(tmp_path, 
 
 def test_an_oracle_trains_at_its_fixed_k_on_every_step(tmp_path, addition_rows):
     out = tmp_path / "oracle"
-    result = train("tiny:olmoe", fast_config(out, fixed_k=2), train_data=addition_rows)
-    assert result.method == "oracle" and result.k_history == [2] * 6
+    result = train("tiny:olmoe", fast_config(out, fixed_k=2, max_steps=3), train_data=addition_rows)
+    assert result.method == "oracle" and result.k_history == [2] * 3
     assert set(result.validation_loss) == {2}
     sidecar = phds.read_sidecar(out)
     assert sidecar.method == "oracle" and sidecar.ks == [2] and sidecar.default_k == 2 and sidecar.anchor_k is None
@@ -103,11 +103,17 @@ class _RecordRoutedK(TrainerCallback):
 
 def test_every_micro_batch_of_a_gradient_accumulation_step_uses_the_same_k(tmp_path, addition_rows):
     recorder = _RecordRoutedK()
-    config = fast_config(tmp_path / "ga", ks=[1, 2, 3, 4], gradient_accumulation_steps=3, per_device_train_batch_size=2,
-                         eval_strategy="no", eval_fraction=0.0)
+    config = fast_config(
+        tmp_path / "ga",
+        ks=[1, 2, 3, 4],
+        gradient_accumulation_steps=3,
+        per_device_train_batch_size=2,
+        eval_strategy="no",
+        eval_fraction=0.0,
+    )
     result = train("tiny:olmoe", config, train_data=addition_rows, callbacks=[recorder])
     assert len(recorder.forward_ks) == 3 * 6
-    per_step = [recorder.forward_ks[i:i + 3] for i in range(0, 18, 3)]
+    per_step = [recorder.forward_ks[i : i + 3] for i in range(0, 18, 3)]
     assert all(len(set(group)) == 1 for group in per_step)
     assert [group[0] for group in per_step] == result.k_history
     assert len(set(result.k_history)) > 1  # the schedule did change k between steps
@@ -124,9 +130,11 @@ def test_pretraining_plain_text_with_packing_works_on_a_module_built_from_config
 
 
 def test_chat_messages_rows_train_through_the_chat_template(tmp_path):
-    rows = [{"messages": [{"role": "user", "content": f"{a}+{a}?"}, {"role": "assistant", "content": str(2 * a)}]}
-            for a in range(16)]
-    result = train("tiny:olmoe", fast_config(tmp_path / "chat", ks=[2, 4], max_length=32), train_data=rows)
+    rows = [
+        {"messages": [{"role": "user", "content": f"{a}+{a}?"}, {"role": "assistant", "content": str(2 * a)}]}
+        for a in range(16)
+    ]
+    result = train("tiny:olmoe", fast_config(tmp_path / "chat", ks=[2, 4], max_length=32, max_steps=3), train_data=rows)
     assert set(result.validation_loss) == {2, 4}
 
 
@@ -141,7 +149,9 @@ def test_lora_run_saves_a_merged_checkpoint_with_trained_experts(tmp_path, addit
     names = set(loaded.state_dict())
     assert not any("lora" in name for name in names)
     assert names == set(base.state_dict())
-    changed = {name for name, value in loaded.state_dict().items() if (value - base.state_dict()[name]).abs().max() > 0}
+    changed = {
+        name for name, value in loaded.state_dict().items() if (value - base.state_dict()[name]).abs().max() > 0
+    }
     assert any(".mlp.experts." in name for name in changed)  # experts adapted through target_parameters
     assert any(".mlp.gate." in name for name in changed)  # router trained (not frozen by default)
     assert any("self_attn.q_proj" in name for name in changed)
@@ -152,9 +162,9 @@ def test_lora_run_saves_a_merged_checkpoint_with_trained_experts(tmp_path, addit
 
 def test_a_frozen_router_stays_as_it_was(tmp_path, addition_rows):
     out = tmp_path / "frozen"
-    train("tiny:olmoe", fast_config(out, ks=[2, 4], train_router=False), train_data=addition_rows)
+    train("tiny:olmoe", fast_config(out, ks=[2, 4], train_router=False, max_steps=3), train_data=addition_rows)
     base, loaded = phds.tiny_model("olmoe"), transformers.AutoModelForCausalLM.from_pretrained(out)
-    for layer_base, layer_loaded in zip(phds.moe_layers(base), phds.moe_layers(loaded)):
+    for layer_base, layer_loaded in zip(phds.moe_layers(base), phds.moe_layers(loaded), strict=True):
         assert torch.equal(layer_base.router.weight, layer_loaded.router.weight)
     assert _max_weight_change(loaded, base) > 1e-4
 
@@ -168,5 +178,7 @@ def test_the_aux_loss_is_on_by_default_and_a_zero_coefficient_turns_it_off(tmp_p
 
 
 def test_mask_epsilon_training_runs_and_evaluates(tmp_path, addition_rows):
-    result = train("tiny:qwen3_moe", fast_config(tmp_path / "eps", ks=[2, 4], mask_epsilon=1e-6), train_data=addition_rows)
+    result = train(
+        "tiny:qwen3_moe", fast_config(tmp_path / "eps", ks=[2, 4], mask_epsilon=1e-6, max_steps=3), train_data=addition_rows
+    )
     assert set(result.validation_loss) == {2, 4}

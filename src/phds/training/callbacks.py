@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import TrainerCallback, TrainerControl, TrainerState
 
 from phds import dial
 from phds.schedule import PHDSSchedule
@@ -153,7 +153,9 @@ class RichProgressCallback(TrainerCallback):
             TimeRemainingColumn(),
         )
         self.progress.start()
-        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, k="-", loss="-")
+        self.task = self.progress.add_task(
+            "train", total=state.max_steps, completed=state.global_step, k="-", loss="-"
+        )
 
     def on_step_end(self, args, state: TrainerState, control: TrainerControl, **kwargs):
         if self.progress is not None:
@@ -164,8 +166,11 @@ class RichProgressCallback(TrainerCallback):
         if self.progress is not None and logs and "loss" in logs:
             self.loss = float(logs["loss"])
         if self.progress is not None and logs and any(key.startswith("eval_loss_k") for key in logs):
-            losses = ", ".join(f"k={key[len('eval_loss_k'):]}: {value:.4f}" for key, value in logs.items()
-                               if key.startswith("eval_loss_k"))
+            losses = ", ".join(
+                f"k={key[len('eval_loss_k') :]}: {value:.4f}"
+                for key, value in logs.items()
+                if key.startswith("eval_loss_k")
+            )
             self.progress.console.log(f"step {state.global_step} validation loss {losses}")
 
     def on_train_end(self, args, state: TrainerState, control: TrainerControl, **kwargs):

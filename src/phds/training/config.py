@@ -22,7 +22,9 @@ def _installed_trackers() -> list[str]:
     trackers = []
     if importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None:
         trackers.append("tensorboard")
-    if importlib.util.find_spec("wandb") is not None and (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE")):
+    if importlib.util.find_spec("wandb") is not None and (
+        os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE")
+    ):
         trackers.append("wandb")
     return trackers or ["none"]
 
@@ -61,7 +63,9 @@ class PHDSConfig(SFTConfig):
     # ------------------------------------------------------------------ defaults that differ from SFTConfig
     gradient_checkpointing: bool | None = field(
         default=None,
-        metadata={"help": "Deprecated alias of `activation_checkpointing` (off by default; k is fixed per step, so safe)."},
+        metadata={
+            "help": "Deprecated alias of `activation_checkpointing` (off by default; k is fixed per step, so safe)."
+        },
     )
     bf16: bool | None = field(
         default=None,
@@ -101,7 +105,9 @@ class PHDSConfig(SFTConfig):
     # ------------------------------------------------------------------ routing
     mask_epsilon: float = field(
         default=0.0,
-        metadata={"help": "Weight of dropped experts: 0 drops them, 1e-6 keeps them computed (faithful reproduction)."},
+        metadata={
+            "help": "Weight of dropped experts: 0 drops them, 1e-6 keeps them computed (faithful reproduction)."
+        },
     )
     renormalize: bool | None = field(
         default=None, metadata={"help": "Rescale kept top-k weights; default follows the model's router."}
@@ -114,8 +120,10 @@ class PHDSConfig(SFTConfig):
     # ------------------------------------------------------------------ selection
     select_by: str = field(
         default="k_pre",
-        metadata={"help": "Keep the checkpoint with the best validation loss at k_pre ('k_pre') or mean over ks.",
-                  "choices": list(SELECT_BY)},
+        metadata={
+            "help": "Keep the checkpoint with the best validation loss at k_pre ('k_pre') or mean over ks.",
+            "choices": list(SELECT_BY),
+        },
     )
 
     # ------------------------------------------------------------------ LoRA
@@ -124,7 +132,8 @@ class PHDSConfig(SFTConfig):
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
     lora_target_modules: list[str] | None = field(
-        default=None, metadata={"help": "nn.Linear modules to adapt; default 'all-linear' (attention, shared experts)."}
+        default=None,
+        metadata={"help": "nn.Linear modules to adapt; default 'all-linear' (attention, shared experts)."},
     )
     lora_target_parameters: list[str] | None = field(
         default=None,
@@ -184,7 +193,9 @@ class PHDSConfig(SFTConfig):
             if self.k_weights is not None:
                 raise ValueError(f"`k_weights` has no meaning for a fixed-k oracle, got k_weights={self.k_weights!r}")
         if self.anchor_k is not None and self.ks is not None and self.anchor_k not in self.ks:
-            raise ValueError(f"`anchor_k` must be one of the declared ks {sorted(self.ks)}, got anchor_k={self.anchor_k}")
+            raise ValueError(
+                f"`anchor_k` must be one of the declared ks {sorted(self.ks)}, got anchor_k={self.anchor_k}"
+            )
         if not 0.0 <= self.anchor_fraction <= 1.0:
             raise ValueError(f"`anchor_fraction` must be in [0, 1], got anchor_fraction={self.anchor_fraction}")
         if self.k_weights is not None and self.ks is not None and len(self.k_weights) != len(self.ks):

@@ -63,7 +63,9 @@ def read_rows(source: DataSource, *, what: str = "train_data", split: str = "tra
         try:
             return datasets.load_dataset(text, split=split)
         except Exception as error:  # datasets raises many kinds (hub errors, missing splits, ...)
-            raise ValueError(f"`{what}`={text!r} is neither a local file nor a loadable datasets name: {error}") from error
+            raise ValueError(
+                f"`{what}`={text!r} is neither a local file nor a loadable datasets name: {error}"
+            ) from error
     if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
         if not all(isinstance(row, Mapping) for row in source):
             raise ValueError(f"`{what}` as a list must hold dicts (rows), got {type(source[0]).__name__} items")
@@ -117,7 +119,9 @@ def select_columns(
         value = first[column]
         if column == "messages":
             if not isinstance(value, list) or not value or not all(isinstance(m, Mapping) for m in value):
-                raise ValueError(f"`{what}` column `messages` must hold lists of {{role, content}} dicts, got {value!r}")
+                raise ValueError(
+                    f"`{what}` column `messages` must hold lists of {{role, content}} dicts, got {value!r}"
+                )
         elif not isinstance(value, str):
             raise ValueError(f"`{what}` column `{column}` must hold strings, got {type(value).__name__}")
     return rows

@@ -83,7 +83,9 @@ def _resolve_model(model: str | os.PathLike | nn.Module, tokenizer):
             tokenizer = transformers.AutoTokenizer.from_pretrained(name)
         return model, tokenizer, getattr(model.config, "_name_or_path", "") or type(model).__name__
     if not isinstance(model, (str, os.PathLike)):
-        raise ValueError(f"`model` must be a path, a hub name, 'tiny:<arch>' or an nn.Module, got {type(model).__name__}")
+        raise ValueError(
+            f"`model` must be a path, a hub name, 'tiny:<arch>' or an nn.Module, got {type(model).__name__}"
+        )
     name = os.fspath(model)
     loaded, loaded_tokenizer = load(name, device="cpu", tokenizer=tokenizer is None)
     tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
@@ -141,8 +143,13 @@ def _lora_targets(model: nn.Module, layers: list[dial.MoELayer]) -> tuple[list[s
     """Default LoRA targets: every nn.Linear but the LM head (attention, shared experts), and every 3-D routed
     expert parameter by its `block.experts.param` suffix."""
     head = model.get_output_embeddings()
-    linear = sorted({name.rpartition(".")[2] for name, module in model.named_modules()
-                     if isinstance(module, nn.Linear) and module is not head})
+    linear = sorted(
+        {
+            name.rpartition(".")[2]
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and module is not head
+        }
+    )
     names = {id(module): name for name, module in model.named_modules()}
     parameters = set()
     for layer in layers:
@@ -284,8 +291,11 @@ def train(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     k_select = k_pre if k_pre in ks else max(ks)
-    saved_config = {key: getattr(model.config, key) for key in ("output_router_logits", "router_aux_loss_coef", "use_cache")
-                    if hasattr(model.config, key)}
+    saved_config = {
+        key: getattr(model.config, key)
+        for key in ("output_router_logits", "router_aux_loss_coef", "use_cache")
+        if hasattr(model.config, key)
+    }
 
     # --- everything checked: from here on the run writes
     if resume_from is None and (out / LOG_NAME).exists():
@@ -300,8 +310,12 @@ def train(
     made_by = {
         "base_model": model_name,
         "schedule": schedule.to_dict(),
-        "data": {"train": _describe(train_data), "eval": _describe(eval_data), "train_rows": len(train_rows),
-                 "eval_rows": 0 if eval_rows is None else len(eval_rows)},
+        "data": {
+            "train": _describe(train_data),
+            "eval": _describe(eval_data),
+            "train_rows": len(train_rows),
+            "eval_rows": 0 if eval_rows is None else len(eval_rows),
+        },
         "seed": config.seed,
         "select_by": config.select_by,
         "mask_epsilon": config.mask_epsilon,

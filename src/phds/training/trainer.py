@@ -89,7 +89,9 @@ class PHDSTrainer(SFTTrainer):
         metrics = dict(last.metrics)
         for k, loss in losses.items():
             metrics[eval_loss_key(k).replace("eval", metric_key_prefix, 1)] = loss
-        metrics[f"{metric_key_prefix}_loss"] = selection_score(losses, select_by=self.select_by, k_select=self.k_select)
+        metrics[f"{metric_key_prefix}_loss"] = selection_score(
+            losses, select_by=self.select_by, k_select=self.k_select
+        )
         return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=last.num_samples)
 
     # ------------------------------------------------------------------ resumable checkpoints
@@ -104,8 +106,12 @@ class PHDSTrainer(SFTTrainer):
         super()._save_checkpoint(model, trial)
         extra = self._extra_trainable()
         if extra and self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            save_file({name: p.detach().cpu().contiguous() for name, p in extra.items()}, os.path.join(folder, EXTRA_WEIGHTS))
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            save_file(
+                {name: p.detach().cpu().contiguous() for name, p in extra.items()}, os.path.join(folder, EXTRA_WEIGHTS)
+            )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = self.model if model is None else model
