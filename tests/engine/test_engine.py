@@ -132,3 +132,10 @@ def test_compile_is_ignored_with_a_warning_on_cpu(caplog):
     assert engine.generate([PROMPTS[1]], 2, SamplingParams(max_new_tokens=4)) == Engine(model).generate(
         [PROMPTS[1]], 2, SamplingParams(max_new_tokens=4)
     )
+
+
+def test_generate_checks_every_prompt_before_queueing_any():
+    engine = Engine(phds.tiny_model("olmoe"))
+    with pytest.raises(ValueError, match="k"):
+        engine.generate([[1, 5], [1, 6]], [2, 99])
+    assert not engine.has_work()

@@ -105,7 +105,6 @@ class Engine:
             logger.warning("compile=True is ignored on %s: torch.compile made CPU decode slower", self.device.type)
         self.layers = dial.moe_layers(model)
         self.max_k = min(layer.num_experts for layer in self.layers)
-        self.device = next(model.parameters()).device
         self.eos_ids = _eos_ids(model, tokenizer)
         self._waiting: deque[Request] = deque()
         self._rows: list[_Row] = []  # running rows; row i lives in cache row i
@@ -120,6 +119,11 @@ class Engine:
 
     def add(self, request: Request) -> None:
         """Queue `request`; it is prefilled at the next `step()` with a free row. Raises ValueError for bad input."""
+        self._check(request)
+        self._cancelled.discard(request.request_id)
+        self._waiting.append(request)
+
+    def _check(self, request: Request) -> None:
         if not isinstance(request, Request):
             raise TypeError(f"`request` must be a phds.engine.Request, got {type(request).__name__}")
         if not isinstance(request.params, SamplingParams):
@@ -139,8 +143,6 @@ class Engine:
             )
         if request.request_id in self._running_ids() or any(r.request_id == request.request_id for r in self._waiting):
             raise ValueError(f"`request_id` {request.request_id!r} is already waiting or running")
-        self._cancelled.discard(request.request_id)
-        self._waiting.append(request)
 
     def cancel(self, request_id: str) -> None:
         """Cancel a waiting or running request; its slot is freed (and a "cancelled" event sent) at the next step."""
@@ -189,8 +191,14 @@ class Engine:
         if len(ks) != len(prompts):
             raise ValueError(f"`ks` must be one k or one k per prompt ({len(prompts)}), got {len(ks)} ks")
         ids = [f"_generate-{i}" for i in range(len(prompts))]
-        for request_id, prompt, k in zip(ids, prompts, ks, strict=True):
-            self.add(Request(request_id=request_id, prompt_ids=list(prompt), k=k, params=params))
+        requests = [
+            Request(request_id=request_id, prompt_ids=list(prompt), k=k, params=params)
+            for request_id, prompt, k in zip(ids, prompts, ks, strict=True)
+        ]
+        for request in requests:  # validate every request before queueing any
+            self._check(request)
+        for request in requests:
+            self.add(request)
         outputs: dict[str, list[int]] = {i: [] for i in ids}
         while self.has_work():
             for event in self.step():
