@@ -57,22 +57,26 @@ def test_zero_weight_slots_are_never_computed(monkeypatch, with_grad):
         monkeypatch.setattr(
             experts_module, "_pairs_grouped", lambda e, x, ids, n: rows.append(len(ids)) or grouped(e, x, ids, n)
         )
-    else:  # decode path: each hit expert once on its tokens
+    else:  # batch-1 decode path: each kept expert on the one token
         mlp = experts_module._expert_mlp
         monkeypatch.setattr(experts_module, "_expert_mlp", lambda e, x, i: rows.append(x.shape[0]) or mlp(e, x, i))
+        phds.set_k(model, torch.tensor([2]), epsilon=0.0, renormalize=False)  # routes k_pre=4 slots, keeps 2
     with torch.set_grad_enabled(with_grad):
-        model(torch.tensor([[5], [9]]))
-    assert sum(rows) == 2 * (1 + 3)  # per layer 1 + 3 kept pairs, not 2 x 3 routed slots
+        model(torch.tensor([[5], [9]]) if with_grad else torch.tensor([[5]]))
+    kept = 1 + 3 if with_grad else 2
+    assert sum(rows) == 2 * kept  # per layer only the kept pairs, never the routed-but-dropped slots
 
 
-def test_decode_path_matches_the_training_path_for_a_batch_of_rows():
-    model = phds.tiny_model("gpt_oss")
-    model.set_experts_implementation("phds")
-    phds.set_k(model, torch.tensor([1, 2, 4]))
-    tokens = torch.tensor([[5], [9], [11]])
+@pytest.mark.parametrize("arch_name", ["gpt_oss", "qwen2_moe", "deepseek_v3"])
+def test_one_token_decode_path_matches_eager(arch_name):
+    eager, sparse = _pair(arch_name, torch.tensor([2]))
+    for model in (eager, sparse):
+        model.eval()
+        phds.set_k(model, torch.tensor([2]), renormalize=True)  # routes k_pre=4 slots and keeps 2 of them
     with torch.no_grad():
-        fast = model(tokens).logits
-    torch.testing.assert_close(fast, model(tokens).logits.detach(), rtol=1e-5, atol=1e-6)
+        for token in (5, 9, 11):
+            ids = torch.tensor([[token]])
+            torch.testing.assert_close(sparse(ids).logits, eager(ids).logits, rtol=1e-5, atol=1e-6)
 
 
 def test_epsilon_slots_are_computed_like_eager(input_ids):
