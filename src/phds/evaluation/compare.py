@@ -173,7 +173,8 @@ def markdown_compare(out: dict[str, Any], loaded: Sequence[dict[str, Any]]) -> s
     primaries = {t: r["tasks"][t]["primary"] for r in loaded for t in r["tasks"]}
     for task_name, rows in out["tasks"].items():
         metric = primaries[task_name]
-        lines += [f"## {task_name} ({metric})", ""]
+        better = "higher" if metric != "ppl" else "lower"
+        lines += [f"## {task_name} ({metric}, {better} is better)", ""]
         header = ["k"] + names + [f"Δ {n}" for n in others]
         body = [
             [row["k"]]
@@ -183,9 +184,9 @@ def markdown_compare(out: dict[str, Any], loaded: Sequence[dict[str, Any]]) -> s
         ]
         lines += _table(header, body) + [""]
     if out["oracle_vs_phds"]:
-        lines += ["## PHDS vs the oracle at its own k", ""]
+        lines += [f"## {ref} vs the oracle at its own k", ""]
         lines += _table(
-            ["task", "k", "metric", ref, "oracle", "Δ PHDS − oracle"],
+            ["task", "k", "metric", ref, "oracle", f"Δ {ref} − oracle"],
             [
                 [
                     r["task"],

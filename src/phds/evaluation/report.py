@@ -110,6 +110,8 @@ def plot_frontier(
     Example: `plot_frontier([results_phds, results_base], "frontier.png")`.
     """
     plt = _pyplot()
+    from matplotlib.transforms import ScaledTranslation
+
     labels = list(labels) if labels is not None else [r["model"] for r in results_list]
     task_names = list(dict.fromkeys(t for r in results_list for t in r["tasks"]))
     has_latency = any(r["latency"] for r in results_list)
@@ -118,7 +120,9 @@ def plot_frontier(
     for row, task_name in enumerate(task_names):
         for col in range(cols):
             ax = axes[row][col]
-            for results, label in zip(results_list, labels, strict=True):
+            for index, (results, label) in enumerate(zip(results_list, labels, strict=True)):
+                # models sharing an x (an oracle at the base's k) are dodged sideways by a few points
+                dodge = ScaledTranslation(5 * (index - (len(results_list) - 1) / 2) / 72, 0, fig.dpi_scale_trans)
                 task = results["tasks"].get(task_name)
                 if task is None:
                     continue
@@ -135,16 +139,23 @@ def plot_frontier(
                     [y - s["ci_low"] for y, s in zip(ys, summaries, strict=True)],
                     [s["ci_high"] - y for y, s in zip(ys, summaries, strict=True)],
                 ]
-                line = ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
+                line = ax.errorbar(
+                    xs, ys, yerr=err, marker="o", capsize=3, label=label, transform=ax.transData + dodge
+                )
+                # a non-data transform does not update the data limits: add the points and CI ends by hand
+                ax.update_datalim(
+                    [(x, s[bound]) for x, s in zip(xs, summaries, strict=True) for bound in ("ci_low", "ci_high")]
+                )
                 for x, y, k in zip(xs, ys, ks, strict=True):
                     ax.annotate(
                         f"k={k}",
                         (x, y),
                         textcoords="offset points",
-                        xytext=(4, 4),
+                        xytext=(4 + 5 * (index - (len(results_list) - 1) / 2), 4),
                         fontsize=8,
                         color=line[0].get_color(),
                     )
+            ax.autoscale_view()
             task_info = next(r for r in results_list if task_name in r["tasks"])["tasks"][task_name]
             better = "higher" if task_info["higher_is_better"] else "lower"
             ax.set_title(task_name, fontsize=10)
