@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers.integrations import moe as hf_moe
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
 IMPLEMENTATION = "phds"
@@ -39,7 +40,9 @@ def _activate(experts: torch.nn.Module, up_SI: torch.Tensor) -> torch.Tensor:
 def _grouped_linear(x_SD: torch.Tensor, weight_EXY: torch.Tensor, offsets_E: torch.Tensor, transposed: bool):
     """Rows of `x_SD` sorted by expert times their expert's weight; `offsets_E` are cumulative row counts."""
     weight = weight_EXY if transposed else weight_EXY.transpose(-2, -1)
-    return F.grouped_mm(x_SD.contiguous(), weight, offs=offsets_E)
+    # transformers' dispatcher: torch's grouped_mm kernel where the device/dtype has one, else its looped
+    # fallback op (both with autograd).
+    return hf_moe._grouped_mm(x_SD.contiguous(), weight, offs=offsets_E)
 
 
 def _pairs_grouped(experts, x_SD, expert_S, num_experts: int) -> torch.Tensor:
