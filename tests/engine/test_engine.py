@@ -139,3 +139,22 @@ def test_generate_checks_every_prompt_before_queueing_any():
     with pytest.raises(ValueError, match="k"):
         engine.generate([[1, 5], [1, 6]], [2, 99])
     assert not engine.has_work()
+
+
+def test_a_row_finishing_at_prefill_leaves_the_other_rows_intact():
+    model = phds.tiny_model("qwen2_moe")
+    engine = Engine(model, max_batch_size=4)
+    long = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    engine.add(Request(request_id="long", prompt_ids=PROMPTS[0], k=2, params=long))
+    engine.step()
+    engine.add(Request(request_id="one", prompt_ids=PROMPTS[1], k=1, params=SamplingParams(max_new_tokens=1)))
+    engine.add(Request(request_id="late", prompt_ids=PROMPTS[2], k=4, params=long))
+    tokens: dict[str, list[int]] = {"long": []}
+    events = []
+    while engine.has_work():
+        events.extend(engine.step())
+    for event in events:
+        tokens.setdefault(event.request_id, []).append(event.token_id)
+    assert len(tokens["one"]) == 1
+    assert tokens["late"] == Engine(model).generate([PROMPTS[2]], 4, long)[0]
+    assert len(tokens["long"]) == 5  # the first token came from the first step
