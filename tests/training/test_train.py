@@ -134,7 +134,9 @@ def test_chat_messages_rows_train_through_the_chat_template(tmp_path):
         {"messages": [{"role": "user", "content": f"{a}+{a}?"}, {"role": "assistant", "content": str(2 * a)}]}
         for a in range(16)
     ]
-    result = train("tiny:olmoe", fast_config(tmp_path / "chat", ks=[2, 4], max_length=32, max_steps=3), train_data=rows)
+    result = train(
+        "tiny:olmoe", fast_config(tmp_path / "chat", ks=[2, 4], max_length=32, max_steps=3), train_data=rows
+    )
     assert set(result.validation_loss) == {2, 4}
 
 
@@ -179,6 +181,35 @@ def test_the_aux_loss_is_on_by_default_and_a_zero_coefficient_turns_it_off(tmp_p
 
 def test_mask_epsilon_training_runs_and_evaluates(tmp_path, addition_rows):
     result = train(
-        "tiny:qwen3_moe", fast_config(tmp_path / "eps", ks=[2, 4], mask_epsilon=1e-6, max_steps=3), train_data=addition_rows
+        "tiny:qwen3_moe",
+        fast_config(tmp_path / "eps", ks=[2, 4], mask_epsilon=1e-6, max_steps=3),
+        train_data=addition_rows,
     )
     assert set(result.validation_loss) == {2, 4}
+
+
+def test_gsm8k_question_answer_rows_train_from_the_shared_data_file(tmp_path, shared_data):
+    path = shared_data / "sft" / "gsm8k_train.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()[:2000]]
+    short = [row for row in rows if len(row["question"]) + len(row["answer"]) < 230][:32]
+    small = tmp_path / "gsm8k_short.jsonl"  # the tiny char-level model (256 positions) needs short rows
+    small.write_text("".join(json.dumps(row) + "\n" for row in short))
+    config = fast_config(
+        tmp_path / "gsm8k",
+        ks=[2, 4],
+        prompt_column="question",
+        completion_column="answer",
+        max_steps=2,
+        eval_steps=2,
+        max_length=250,
+    )
+    result = train("tiny:olmoe", config, train_data=str(small))
+    assert set(result.validation_loss) == {2, 4}
+    assert phds.read_sidecar(tmp_path / "gsm8k").made_by["data"]["train"] == str(small)
+
+
+def test_rows_cut_off_entirely_by_max_length_are_a_clear_error_that_leaves_nothing(tmp_path, addition_rows):
+    rows = [{"prompt": "x" * 40 + r["prompt"], "completion": r["completion"]} for r in addition_rows]
+    with pytest.raises(ValueError, match="max_length"):
+        train("tiny:olmoe", fast_config(tmp_path / "cut", ks=[2, 4], max_length=16), train_data=rows)
+    assert not (tmp_path / "cut").exists()

@@ -205,6 +205,7 @@ def _atomic_save(model: nn.Module, out: Path, tokenizer, sidecar: Sidecar, saved
     finally:
         for key, value in training_values.items():
             setattr(base_config, key, value)
+    os.chmod(staged, 0o755)  # a temporary directory is private (0700); a checkpoint is for sharing
     for name in _RUN_ENTRIES:
         if (out / name).exists():
             os.replace(out / name, staged / name)
@@ -260,6 +261,7 @@ def train(
     if not isinstance(config, PHDSConfig):
         raise ValueError(f"`config` must be a PHDSConfig, got {type(config).__name__}")
     out = Path(config.output_dir)
+    out_existed = out.exists()
     _recover_interrupted_save(out)
     resume_from = _resume_checkpoint(config, out)
 
@@ -361,6 +363,13 @@ def train(
         mask_epsilon=config.mask_epsilon,
         renormalize=config.renormalize,
     )
+    if len(trainer.train_dataset) == 0 or (trainer.eval_dataset is not None and len(trainer.eval_dataset) == 0):
+        if not out_existed:
+            shutil.rmtree(out, ignore_errors=True)  # the Trainer made its directory; a failed call leaves nothing
+        raise ValueError(
+            f"no training or validation rows left after tokenisation with `max_length`={config.max_length}: "
+            "rows whose completion is cut off entirely are dropped; raise max_length"
+        )
     progress = None
     if not config.disable_tqdm:
         progress = RichProgressCallback(phds_callback)
