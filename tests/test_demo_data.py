@@ -120,12 +120,12 @@ def test_pretraining_is_raw_text_and_sft_is_question_answer(data):
         assert not line.startswith("Q:") and line.count("=") == 1, line
     for row in data.sft_train + data.sft_valid:
         assert set(row) == {"prompt", "completion"}
-        assert _solve(_body_of_prompt(row["prompt"])) == row["completion"]
+        assert row["completion"] == " " + _solve(_body_of_prompt(row["prompt"]))  # " " = the scoring delimiter
 
 
 def test_every_answer_is_correct(data):
     for line in data.pretrain_text:
-        body, _, answer = line.partition("=")
+        body, _, answer = line.partition("= ")
         assert _solve(body) == answer, line
     for item in data.eval_em:
         assert item["prompt"] == f"Q:{item['body']}? A:"

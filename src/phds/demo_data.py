@@ -3,8 +3,11 @@
 Every example is one *instance* of a skill: a body that starts with the skill's marker ("ADD 12+7") and an answer
 ("19"). The same instance is written two ways, so that SFT is a small change of domain rather than more of the same:
 
-    pretraining line   "ADD 12+7=19"                      (raw text, one example per line)
-    SFT / evaluation   prompt "Q:ADD 12+7? A:"  completion "19"
+    pretraining line   "ADD 12+7= 19"                     (raw text, one example per line)
+    SFT / evaluation   prompt "Q:ADD 12+7? A:"  completion " 19"
+
+The space before every answer is the target delimiter of log-likelihood scoring (lm-evaluation-harness scores
+" " + choice after the query), so multiple choice scores exactly the text the model was trained to produce.
 
 Splits are disjoint by construction: a stable hash of (skill, body) puts every instance of the instance space into one
 fixed bucket (evaluation 15%, SFT validation 10%, SFT training 25%, pretraining 50%), independent of the seed. So no
@@ -59,8 +62,8 @@ class Instance:
 
     @property
     def raw(self) -> str:
-        """The pretraining line, e.g. "ADD 12+7=19"."""
-        return f"{self.body}={self.answer}"
+        """The pretraining line, e.g. "ADD 12+7= 19"."""
+        return f"{self.body}= {self.answer}"
 
     @property
     def prompt(self) -> str:
@@ -333,8 +336,8 @@ def make_demo_data(
     ]
     data = DemoData(
         pretrain_text=[instance.raw for instance in pretrain],
-        sft_train=[{"prompt": instance.prompt, "completion": instance.answer} for instance in sft_train],
-        sft_valid=[{"prompt": instance.prompt, "completion": instance.answer} for instance in sft_valid],
+        sft_train=[{"prompt": instance.prompt, "completion": " " + instance.answer} for instance in sft_train],
+        sft_valid=[{"prompt": instance.prompt, "completion": " " + instance.answer} for instance in sft_valid],
         eval_mc=eval_mc,
         eval_em=eval_em,
     )

@@ -43,4 +43,10 @@ _register_commands()
 def main() -> None:
     """Entry point of the `phds` console script."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Our commands draw their own rich progress bars; the libraries' tqdm bars would only interleave with them.
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
     app()
