@@ -110,6 +110,10 @@ class Engine:
         self._rows: list[_Row] = []  # running rows; row i lives in cache row i
         self.config = model.config
         self.dtype = next(model.parameters()).dtype
+        window = getattr(self.config, "sliding_window", None) and getattr(self.config, "use_sliding_window", True)
+        self._plain_causal = not window and "sliding_attention" not in (
+            getattr(self.config, "layer_types", None) or ()
+        )
         self.cache = SlotCache(num_layers=config.num_hidden_layers, num_rows=max_batch_size, max_len=max_seq_len)
         self._cancelled: set[str] = set()
         self._dial_stack = contextlib.ExitStack()
@@ -228,7 +232,12 @@ class Engine:
         self.cache.prepare(first_row, begin, num_new, self.device)
         begin_B = self.cache.begin_B
         lengths = torch.tensor(lengths_B, device=self.device)
-        masks = attention_masks(self.config, begin_B, lengths, num_new, self.cache.span, self.dtype)
+        if self._plain_causal and len(set(lengths_B)) == 1 and lengths_B[0] == begin[0] + num_new:
+            # Every row is exactly as long as the cache span: the plain causal mask transformers builds (or skips,
+            # for SDPA) is the right one, and cheaper than a custom 4-D mask.
+            masks = None
+        else:
+            masks = attention_masks(self.config, begin_B, lengths, num_new, self.cache.span, self.dtype)
         positions_BQ = begin_B.unsqueeze(1) + torch.arange(num_new, device=self.device)
         last_B1 = (lengths - 1 - begin_B).unsqueeze(1)
         self._dial_rows(tuple(row.request.k for row in rows))
