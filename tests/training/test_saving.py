@@ -59,3 +59,25 @@ def test_saving_writes_the_users_config_not_the_training_switches(tmp_path):
     saved = transformers.AutoConfig.from_pretrained(tmp_path / "out")
     assert saved.output_router_logits is False and saved.num_experts_per_tok == 4
     assert model.config.output_router_logits is True and phds.get_k(model) == 2  # the training model is untouched
+
+
+def test_a_gathered_state_dict_is_written_as_the_checkpoint(tmp_path):
+    # the FSDP path: every rank gathers the full state dict, rank 0 writes it instead of the (sharded) parameters
+    model, trained = phds.tiny_model("olmoe", seed=0), phds.tiny_model("olmoe", seed=1)
+    _atomic_save(
+        model, tmp_path / "out", phds.tiny_tokenizer(), Sidecar(ks=[2, 4], k_pre=4), SAVED_CONFIG, trained.state_dict()
+    )
+    for name, value in _weights(tmp_path / "out").items():
+        torch.testing.assert_close(value, trained.state_dict()[name])
+    assert phds.read_sidecar(tmp_path / "out").ks == [2, 4]
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+
+
+def test_lora_under_fsdp_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    from phds.training import train
+    from tests.training.conftest import ADDITION, fast_config
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="FSDP"):
+        train("tiny:olmoe", fast_config(tmp_path / "o", lora=True), train_data=ADDITION)
+    assert not (tmp_path / "o").exists()

@@ -184,7 +184,8 @@ class RichProgressCallback(TrainerCallback):
 
 class BestCheckpointCallback(TrainerCallback):
     """Track the best validation score (`eval_loss`, which `PHDSTrainer` sets to the selection score) and call
-    `save(model, step, losses)` on rank zero whenever it improves; other ranks wait for the save to finish.
+    `save(model, step, losses)` whenever it improves, on every rank (so a sharded model can be gathered
+    collectively; the save function writes on rank zero), then wait for every rank.
 
     On resume the best score so far is read back from the Trainer state's log history, so a resumed run only
     replaces the saved checkpoint with a better one.
@@ -216,7 +217,6 @@ class BestCheckpointCallback(TrainerCallback):
         if not score < self.best_score:
             return
         self.best_score, self.best_step, self.best_losses = score, state.global_step, self._losses(metrics)
-        if state.is_world_process_zero:
-            self.save(model, state.global_step, self.best_losses)
+        self.save(model, state.global_step, self.best_losses)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()

@@ -24,7 +24,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from phds import dial
 from phds.loading import TINY_PREFIX, load, save
 from phds.schedule import PHDSSchedule, default_ks
-from phds.sidecar import Sidecar
+from phds.sidecar import Sidecar, write_sidecar
 from phds.training.callbacks import (
     LOG_NAME,
     BestCheckpointCallback,
@@ -192,7 +192,22 @@ def _merged(model: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------- saving
 
 
-def _atomic_save(model: nn.Module, out: Path, tokenizer, sidecar: Sidecar, saved_config: dict) -> None:
+def _write_checkpoint(model: nn.Module, staged: Path, tokenizer, sidecar: Sidecar, state_dict: dict | None) -> None:
+    if state_dict is None:
+        save(model, staged, tokenizer=tokenizer, sidecar=sidecar)
+        return
+    # A sharded (FSDP) model: every rank gathered its full state dict; write it as `phds.save` writes a model.
+    staged.mkdir(parents=True)
+    with dial.sparsity(model, dial.k_pre(model)):
+        model.save_pretrained(staged, state_dict=state_dict, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staged)
+    write_sidecar(staged, sidecar)
+
+
+def _atomic_save(
+    model: nn.Module, out: Path, tokenizer, sidecar: Sidecar, saved_config: dict, state_dict: dict | None = None
+) -> None:
     """Write the checkpoint next to `out`, move the run's own entries (checkpoints, log) into it, swap it in."""
     staged = out.with_name(f".{out.name}.staging")
     shutil.rmtree(staged, ignore_errors=True)
@@ -201,7 +216,7 @@ def _atomic_save(model: nn.Module, out: Path, tokenizer, sidecar: Sidecar, saved
     try:
         for key, value in saved_config.items():  # the saved config is the user's, not the training tweaks
             setattr(base_config, key, value)
-        save(model, staged, tokenizer=tokenizer, sidecar=sidecar)
+        _write_checkpoint(model, staged, tokenizer, sidecar, state_dict)
     finally:
         for key, value in training_values.items():
             setattr(base_config, key, value)
@@ -260,6 +275,11 @@ def train(
     """
     if not isinstance(config, PHDSConfig):
         raise ValueError(f"`config` must be a PHDSConfig, got {type(config).__name__}")
+    if config.lora and (config.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"):
+        raise ValueError(
+            "`lora` under FSDP is not supported (the merged checkpoint needs the whole model on one "
+            "rank); run LoRA with DDP, e.g. recipes/accelerate/ddp_8gpu.yaml"
+        )
     out = Path(config.output_dir)
     out_existed = out.exists()
     _recover_interrupted_save(out)
@@ -327,6 +347,10 @@ def train(
     }
 
     def save_best(trained: nn.Module, step: int, losses: dict[int, float]) -> None:
+        # Called on every rank: a sharded model's full state dict is gathered collectively, then rank 0 writes.
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_fsdp_enabled else None
+        if not trainer.is_world_process_zero():
+            return
         sidecar = Sidecar(
             ks=ks,
             k_pre=k_pre,
@@ -336,7 +360,7 @@ def train(
             made_by={**made_by, "steps": trainer.state.max_steps, "best_step": step},
             validation_loss={str(k): loss for k, loss in losses.items()},
         )
-        _atomic_save(_merged(trained), out, tokenizer, sidecar, saved_config)
+        _atomic_save(_merged(trained), out, tokenizer, sidecar, saved_config, state_dict)
         if config.save_adapter:
             trained.save_pretrained(out / ADAPTER)
         logger.info("saved the checkpoint of step %d to %s (validation loss %s)", step, out, losses)
@@ -386,7 +410,7 @@ def train(
         evaluated = {entry.get("step") for entry in trainer.state.log_history if "eval_loss" in entry}
         if trainer.state.global_step not in evaluated:
             trainer.evaluate()  # the last steps always get a say in the selection
-    elif trainer.is_world_process_zero():
+    else:
         save_best(model, trainer.state.global_step, {})
         best_callback.best_step = trainer.state.global_step
     if hasattr(model, "eval"):
