@@ -6,6 +6,7 @@ Tasks and ks are validated before any model call.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import os
@@ -259,7 +260,9 @@ def evaluate(
     ]
     latency_config = latency if isinstance(latency, LatencyConfig) else (LatencyConfig() if latency else None)
     if latency_config is not None:
-        latency_config.prompt_tokens = min(latency_config.prompt_tokens, max_len - latency_config.new_tokens - 1)
+        # a copy, so the caller's config is not changed
+        fitted = max(1, min(latency_config.prompt_tokens, max_len - latency_config.new_tokens - 1))
+        latency_config = dataclasses.replace(latency_config, prompt_tokens=fitted)
 
     pad = scoring.pad_id(tokenizer)
     per_k: dict[int, dict[str, dict]] = {k: {} for k in ks}

@@ -53,21 +53,6 @@ class Task:
     items: list[dict[str, Any]]
     line_numbers: list[int] = field(default_factory=list)
 
-    def select(self, limit: int | None) -> Task:
-        """The first `limit` items (all when None).
-
-        Example: `task.select(20)`.
-        """
-        if limit is None or self.kind == "perplexity":
-            return self
-        return Task(
-            name=self.name,
-            kind=self.kind,
-            path=self.path,
-            items=self.items[:limit],
-            line_numbers=self.line_numbers[:limit],
-        )
-
     def digest(self) -> str:
         """A short hash of the items, so `compare` knows two results were scored on the same items.
 
