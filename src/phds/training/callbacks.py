@@ -163,15 +163,15 @@ class RichProgressCallback(TrainerCallback):
             self.progress.update(self.task, completed=state.global_step, k=self.phds_callback.current_k, loss=loss)
 
     def on_log(self, args, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
-        if self.progress is not None and logs and "loss" in logs:
+        if self.progress is None or not logs:
+            return
+        if "loss" in logs:
             self.loss = float(logs["loss"])
-        if self.progress is not None and logs and any(key.startswith("eval_loss_k") for key in logs):
-            losses = ", ".join(
-                f"k={key[len('eval_loss_k') :]}: {value:.4f}"
-                for key, value in logs.items()
-                if key.startswith("eval_loss_k")
-            )
-            self.progress.console.log(f"step {state.global_step} validation loss {losses}")
+            self.progress.update(self.task, loss=f"{self.loss:.4f}")
+        losses = {key[len("eval_loss_k") :]: value for key, value in logs.items() if key.startswith("eval_loss_k")}
+        if losses:
+            text = ", ".join(f"k={k}: {value:.4f}" for k, value in losses.items())
+            self.progress.console.print(f"step {state.global_step}: validation loss {text}")
 
     def on_train_end(self, args, state: TrainerState, control: TrainerControl, **kwargs):
         self.close()
