@@ -86,12 +86,15 @@ def test_phds_train_fixed_k_runs_an_oracle(tmp_path, data_file):
         "question",
         "--completion-column",
         "answer",
+        "--eval-data",
+        str(data_file),
         *FAST,
     ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     sidecar = phds.read_sidecar(out)
     assert sidecar.method == "oracle" and sidecar.ks == [2]
+    assert sidecar.made_by["data"]["eval"] == str(data_file) and sidecar.made_by["data"]["eval_rows"] == 64
 
 
 def _write(path, rows):

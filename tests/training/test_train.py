@@ -179,13 +179,21 @@ def test_the_aux_loss_is_on_by_default_and_a_zero_coefficient_turns_it_off(tmp_p
     assert PHDSConfig(output_dir="x", aux_loss_coef=0.05).router_aux_loss_coef == 0.05
 
 
-def test_mask_epsilon_training_runs_and_evaluates(tmp_path, addition_rows):
-    result = train(
-        "tiny:qwen3_moe",
-        fast_config(tmp_path / "eps", ks=[2, 4], mask_epsilon=1e-6, max_steps=3),
-        train_data=addition_rows,
-    )
+class _RecordRouterPlan(TrainerCallback):
+    """The routing plan (epsilon, renormalisation) the dial applied during training."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.plan = phds.moe_layers(model)[0].router._phds_plan
+
+
+@pytest.mark.parametrize(("epsilon", "renormalize"), [(1e-6, None), (0.0, False)])
+def test_routing_options_are_applied_in_training_and_evaluation(tmp_path, addition_rows, epsilon, renormalize):
+    recorder = _RecordRouterPlan()
+    config = fast_config(tmp_path / "r", ks=[2, 4], mask_epsilon=epsilon, renormalize=renormalize, max_steps=3)
+    result = train("tiny:qwen3_moe", config, train_data=addition_rows, callbacks=[recorder])
     assert set(result.validation_loss) == {2, 4}
+    assert recorder.plan.epsilon == epsilon and recorder.plan.renormalize is renormalize
+    assert phds.read_sidecar(tmp_path / "r").made_by["mask_epsilon"] == epsilon
 
 
 def test_gsm8k_question_answer_rows_train_from_the_shared_data_file(tmp_path, shared_data):
