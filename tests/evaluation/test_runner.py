@@ -166,3 +166,16 @@ def test_a_saved_checkpoint_brings_its_sidecar_and_declared_ks(tiny, task_dir, t
     )
     assert results["ks"] == [1, 2] and results["method"] == "phds" and results["sidecar"]["ks"] == [1, 2]
     assert results["tasks"]["mc"]["n"] == 2
+
+
+def test_few_shot_prompts_change_the_scores_and_are_reproducible(tiny, task_dir, tmp_path):
+    mc = [str(task_dir / "mc.jsonl")]
+
+    def logprobs(out, **kwargs):
+        evaluate(tiny, [2], mc, out_dir=tmp_path / out, latency=False, progress=False, **kwargs)
+        lines = (tmp_path / out / "predictions.jsonl").read_text().splitlines()
+        return [json.loads(line)["logprobs"] for line in lines]
+
+    zero, two, again = logprobs("zero"), logprobs("two", num_fewshot=2), logprobs("again", num_fewshot=2)
+    assert two == again
+    assert all(a != b for a, b in zip(zero, two, strict=True))
