@@ -110,3 +110,12 @@ def test_tiny_models_are_deterministic_and_configurable():
     assert phds.tiny_model("olmoe", num_experts_per_tok=2).config.num_experts_per_tok == 2
     with pytest.raises(ValueError, match="arch"):
         phds.tiny_model("llama")
+
+
+def test_saved_checkpoint_folder_has_ordinary_permissions(tmp_path):
+    import os
+
+    _save_tiny(tmp_path / "ckpt")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o777 & ~umask

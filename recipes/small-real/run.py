@@ -72,7 +72,7 @@ def train_config(output_dir: Path, *, steps: int, lr: float, **phds_fields) -> t
         warmup_steps=max(1, steps // 20), per_device_train_batch_size=BATCH, per_device_eval_batch_size=BATCH,
         eval_steps=max(1, steps // 3), save_steps=max(1, steps // 3), max_length=SEQ_LEN, packing=True,
         seed=SEED, logging_steps=max(1, steps // 25), weight_decay=0.0, max_eval_samples=32,
-        resume_from_checkpoint=True, **phds_fields,
+        resume_from_checkpoint=True if (output_dir / "checkpoints").is_dir() else None, **phds_fields,
     )
 
 

@@ -288,7 +288,8 @@ def _train_config(config: DemoConfig, output_dir: Path, *, steps: int, lr: float
         logging_steps=max(1, steps // 20),
         weight_decay=0.0,
         max_eval_samples=200,
-        resume_from_checkpoint=True,
+        # an interrupted stage continues from its last Trainer checkpoint
+        resume_from_checkpoint=True if (output_dir / "checkpoints").is_dir() else None,
         **phds_fields,
     )
 

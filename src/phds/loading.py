@@ -134,6 +134,9 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None, sideca
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a checkpoint folder should read like any other
     try:
         with dial.sparsity(model, dial.k_pre(model)):
             model.save_pretrained(tmp, safe_serialization=True)
