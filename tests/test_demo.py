@@ -10,8 +10,19 @@ import phds
 from phds.demo import DemoConfig, run_demo
 
 TINY = dict(
-    n_pretrain=300, n_sft=48, n_eval=12, pretrain_steps=3, sft_steps=2, ks=[2, 4], anchor_k=2, batch_size=8,
-    num_experts=8, hidden_size=32, expert_size=32, latency=False, max_new_tokens=4,
+    n_pretrain=300,
+    n_sft=48,
+    n_eval=12,
+    pretrain_steps=3,
+    sft_steps=2,
+    ks=[2, 4],
+    anchor_k=2,
+    batch_size=8,
+    num_experts=8,
+    hidden_size=32,
+    expert_size=32,
+    latency=False,
+    max_new_tokens=4,
 )
 
 

@@ -41,8 +41,14 @@ def test_moe_layers_describe_each_family(arch):
     layers = phds.moe_layers(model)
     assert [layer.index for layer in layers] == [0, 1]
     assert all(layer.num_experts == 8 and layer.k_pre == 4 for layer in layers)
-    expected_renorm = {"olmoe": False, "qwen2_moe": False, "qwen3_moe": True, "mixtral": True, "deepseek_v3": True,
-                       "gpt_oss": True}
+    expected_renorm = {
+        "olmoe": False,
+        "qwen2_moe": False,
+        "qwen3_moe": True,
+        "mixtral": True,
+        "deepseek_v3": True,
+        "gpt_oss": True,
+    }
     assert all(layer.renormalizes == expected_renorm[arch] for layer in layers)
     expected_shared = {"qwen2_moe": 1, "deepseek_v3": 1}.get(arch, 0)
     assert all(len(layer.shared_experts) == expected_shared for layer in layers)
@@ -56,8 +62,14 @@ def test_dense_layers_are_not_moe_layers():
 
 
 def test_a_dense_model_is_rejected_with_a_clear_error():
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=2)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     dense = transformers.AutoModelForCausalLM.from_config(config)
     with pytest.raises(ValueError, match="no MoE layers"):
         phds.set_k(dense, 2)
@@ -144,8 +156,10 @@ def test_per_token_k_routes_each_token_with_its_own_k():
     for token, k in enumerate(ks.reshape(-1).tolist()):
         with phds.sparsity(model, k):
             _, weights, indices = router(hidden_TD[token : token + 1])
-        expected = dict(zip(indices[0].tolist(), weights[0].tolist()))
-        got = {i: w for i, w in zip(mixed_indices[token].tolist(), mixed_weights[token].tolist()) if w != 0.0}
+        expected = dict(zip(indices[0].tolist(), weights[0].tolist(), strict=True))
+        got = {
+            i: w for i, w in zip(mixed_indices[token].tolist(), mixed_weights[token].tolist(), strict=True) if w != 0.0
+        }
         assert got.keys() == expected.keys()
         for expert, weight in expected.items():
             assert got[expert] == pytest.approx(weight, rel=1e-5)
@@ -232,7 +246,7 @@ def test_gradient_checkpointing_backward_matches_model_built_at_k(input_ids):
     phds.set_k(model, 2)
     model(input_ids, labels=input_ids).loss.backward()
     twin(input_ids, labels=input_ids).loss.backward()
-    for (name, param), twin_param in zip(model.named_parameters(), twin.parameters()):
+    for (name, param), twin_param in zip(model.named_parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(param.grad, twin_param.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 

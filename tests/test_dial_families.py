@@ -10,10 +10,25 @@ import transformers
 import phds
 
 _SMALL = dict(
-    hidden_size=32, intermediate_size=32, moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, vocab_size=128, num_experts=8, num_local_experts=8, n_routed_experts=8,
-    num_experts_per_tok=4, head_dim=8, shared_intermediate_size=32, shared_expert_intermediate_size=32,
-    max_position_embeddings=128, first_k_dense_replace=0, n_group=1, topk_group=1, tie_word_embeddings=False,
+    hidden_size=32,
+    intermediate_size=32,
+    moe_intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    num_experts=8,
+    num_local_experts=8,
+    n_routed_experts=8,
+    num_experts_per_tok=4,
+    head_dim=8,
+    shared_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+    max_position_embeddings=128,
+    first_k_dense_replace=0,
+    n_group=1,
+    topk_group=1,
+    tie_word_embeddings=False,
 )
 
 

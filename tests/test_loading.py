@@ -106,7 +106,7 @@ def test_sidecar_validates_and_round_trips(tmp_path):
 
 def test_tiny_models_are_deterministic_and_configurable():
     a, b = phds.tiny_model("olmoe", seed=3), phds.tiny_model("olmoe", seed=3)
-    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
     assert phds.tiny_model("olmoe", num_experts_per_tok=2).config.num_experts_per_tok == 2
     with pytest.raises(ValueError, match="arch"):
         phds.tiny_model("llama")

@@ -57,10 +57,20 @@ def olmoe_tokenizer(data: Path) -> transformers.PreTrainedTokenizerFast:
 
 def fresh_model(tokenizer) -> torch.nn.Module:
     model = phds.tiny_model(
-        "olmoe", seed=SEED, num_experts=NUM_EXPERTS, num_experts_per_tok=K_PRE, hidden_size=HIDDEN,
-        intermediate_size=EXPERT_SIZE, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=4,
-        vocab_size=(len(tokenizer) + 63) // 64 * 64, max_position_embeddings=2 * SEQ_LEN,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        "olmoe",
+        seed=SEED,
+        num_experts=NUM_EXPERTS,
+        num_experts_per_tok=K_PRE,
+        hidden_size=HIDDEN,
+        intermediate_size=EXPERT_SIZE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=(len(tokenizer) + 63) // 64 * 64,
+        max_position_embeddings=2 * SEQ_LEN,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
     )
     model.set_experts_implementation("grouped_mm")
     return model.train()
@@ -68,11 +78,23 @@ def fresh_model(tokenizer) -> torch.nn.Module:
 
 def train_config(output_dir: Path, *, steps: int, lr: float, **phds_fields) -> training.PHDSConfig:
     return training.PHDSConfig(
-        output_dir=str(output_dir), max_steps=steps, learning_rate=lr, lr_scheduler_type="cosine",
-        warmup_steps=max(1, steps // 20), per_device_train_batch_size=BATCH, per_device_eval_batch_size=BATCH,
-        eval_steps=max(1, steps // 3), save_steps=max(1, steps // 3), max_length=SEQ_LEN, packing=True,
-        seed=SEED, logging_steps=max(1, steps // 25), weight_decay=0.0, max_eval_samples=32,
-        resume_from_checkpoint=True if (output_dir / "checkpoints").is_dir() else None, **phds_fields,
+        output_dir=str(output_dir),
+        max_steps=steps,
+        learning_rate=lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, steps // 20),
+        per_device_train_batch_size=BATCH,
+        per_device_eval_batch_size=BATCH,
+        eval_steps=max(1, steps // 3),
+        save_steps=max(1, steps // 3),
+        max_length=SEQ_LEN,
+        packing=True,
+        seed=SEED,
+        logging_steps=max(1, steps // 25),
+        weight_decay=0.0,
+        max_eval_samples=32,
+        resume_from_checkpoint=True if (output_dir / "checkpoints").is_dir() else None,
+        **phds_fields,
     )
 
 
@@ -100,10 +122,26 @@ def main() -> None:
     started = time.perf_counter()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    settings = DemoConfig(seed=SEED, num_experts=NUM_EXPERTS, k_pre=K_PRE, hidden_size=HIDDEN, expert_size=EXPERT_SIZE,
-                          num_layers=LAYERS, pretrain_steps=PRETRAIN_STEPS, pretrain_lr=PRETRAIN_LR, ks=KS,
-                          anchor_k=ANCHOR_K, anchor_fraction=ANCHOR_FRACTION, sft_steps=SFT_STEPS, sft_lr=SFT_LR,
-                          batch_size=BATCH, eval_limit=EVAL_WINDOWS, n_pretrain=0, n_sft=0, n_eval=0)
+    settings = DemoConfig(
+        seed=SEED,
+        num_experts=NUM_EXPERTS,
+        k_pre=K_PRE,
+        hidden_size=HIDDEN,
+        expert_size=EXPERT_SIZE,
+        num_layers=LAYERS,
+        pretrain_steps=PRETRAIN_STEPS,
+        pretrain_lr=PRETRAIN_LR,
+        ks=KS,
+        anchor_k=ANCHOR_K,
+        anchor_fraction=ANCHOR_FRACTION,
+        sft_steps=SFT_STEPS,
+        sft_lr=SFT_LR,
+        batch_size=BATCH,
+        eval_limit=EVAL_WINDOWS,
+        n_pretrain=0,
+        n_sft=0,
+        n_eval=0,
+    )
     stages = _Stages(out, settings, args.force, print)
     tokenizer = olmoe_tokenizer(args.data)
 
@@ -111,7 +149,9 @@ def main() -> None:
     data = out / "data"
     if not stages.done("data"):
         stages.start("data")
-        split_text(args.data / "text" / "tinyshakespeare.txt", data / "shakespeare_train.txt", data / "shakespeare.txt")
+        split_text(
+            args.data / "text" / "tinyshakespeare.txt", data / "shakespeare_train.txt", data / "shakespeare.txt"
+        )
         shutil.copyfile(args.data / "text" / "wikitext2_test.txt", data / "wikitext2_test.txt")
         stages.finish("data")
     tasks = [str(data / "shakespeare.txt"), str(data / "wikitext2_test.txt")]
@@ -121,17 +161,32 @@ def main() -> None:
     if not stages.done("base"):
         print("1/5 pretraining on WikiText-2")
         stages.start("base")
-        training.train(fresh_model(tokenizer), train_config(base, steps=PRETRAIN_STEPS, lr=PRETRAIN_LR, fixed_k=K_PRE),
-                       train_data=str(args.data / "text" / "wikitext2_valid.txt"), tokenizer=tokenizer)
-        phds.write_sidecar(base, Sidecar(ks=[K_PRE], k_pre=K_PRE, method="base", made_by=phds.read_sidecar(base).made_by))
+        training.train(
+            fresh_model(tokenizer),
+            train_config(base, steps=PRETRAIN_STEPS, lr=PRETRAIN_LR, fixed_k=K_PRE),
+            train_data=str(args.data / "text" / "wikitext2_valid.txt"),
+            tokenizer=tokenizer,
+        )
+        phds.write_sidecar(
+            base, Sidecar(ks=[K_PRE], k_pre=K_PRE, method="base", made_by=phds.read_sidecar(base).made_by)
+        )
         stages.finish("base")
 
     # --- 2. sweep the base model
     if not stages.done("sweep"):
         print("2/5 sweep of the base model at k = 1..k_pre")
         folder = stages.start("sweep")
-        evaluation.sweep(str(base), ks=list(range(1, K_PRE + 1)), tasks=tasks, out_dir=folder, limit=EVAL_WINDOWS,
-                         latency=False, model_name="base", max_length=SEQ_LEN, seed=SEED)
+        evaluation.sweep(
+            str(base),
+            ks=list(range(1, K_PRE + 1)),
+            tasks=tasks,
+            out_dir=folder,
+            limit=EVAL_WINDOWS,
+            latency=False,
+            model_name="base",
+            max_length=SEQ_LEN,
+            seed=SEED,
+        )
         stages.finish("sweep")
 
     # --- 3. SFT on Shakespeare: oracles and PHDS
@@ -142,8 +197,11 @@ def main() -> None:
             continue
         print(f"3/5 SFT {name}")
         folder = stages.start(f"sft/{name}")
-        training.train(str(base), train_config(folder / "model", steps=SFT_STEPS, lr=SFT_LR, **how),
-                       train_data=str(data / "shakespeare_train.txt"))
+        training.train(
+            str(base),
+            train_config(folder / "model", steps=SFT_STEPS, lr=SFT_LR, **how),
+            train_data=str(data / "shakespeare_train.txt"),
+        )
         stages.finish(f"sft/{name}")
 
     # --- 4. evaluate and compare
@@ -152,8 +210,17 @@ def main() -> None:
             continue
         print(f"4/5 evaluating {name}")
         folder = stages.start(f"eval/{name}")
-        evaluation.evaluate(str(base if name == "base" else out / "sft" / name / "model"), KS, tasks, out_dir=folder,
-                            limit=EVAL_WINDOWS, latency=True, model_name=name, max_length=SEQ_LEN, seed=SEED)
+        evaluation.evaluate(
+            str(base if name == "base" else out / "sft" / name / "model"),
+            KS,
+            tasks,
+            out_dir=folder,
+            limit=EVAL_WINDOWS,
+            latency=True,
+            model_name=name,
+            max_length=SEQ_LEN,
+            seed=SEED,
+        )
         stages.finish(f"eval/{name}")
     names = ["phds", *[n for n in runs if n != "phds"], "base"]
     comparison = evaluation.compare([out / "eval" / n for n in names], out / "compare", labels=names, seed=SEED)
@@ -161,9 +228,16 @@ def main() -> None:
     # --- 5. report
     summary = summarize(comparison, settings)
     minutes = (time.perf_counter() - started) / 60
-    versions = {"phds": phds.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                "python": platform.python_version(), "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
-    command = "python recipes/small-real/run.py --data ../shared/data --out " + str(out) + (" --quick" if args.quick else "")
+    versions = {
+        "phds": phds.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+    }
+    command = (
+        "python recipes/small-real/run.py --data ../shared/data --out " + str(out) + (" --quick" if args.quick else "")
+    )
     report = [
         "# PHDS small real-text reproduction",
         "",

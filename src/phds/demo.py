@@ -197,9 +197,16 @@ def run_demo(
         say("[bold]2/5 sweep[/] of the base model at every k from 1 to k_pre")
         folder = stages.start("sweep")
         sweep = evaluation.sweep(
-            str(base_dir), ks=list(range(1, config.k_pre + 1)), tasks=[str(t) for t in base_tasks],
-            out_dir=folder, limit=config.eval_limit, latency=False, model_name="base", seed=config.seed,
-            batch_size=config.eval_batch_size, max_new_tokens=config.max_new_tokens,
+            str(base_dir),
+            ks=list(range(1, config.k_pre + 1)),
+            tasks=[str(t) for t in base_tasks],
+            out_dir=folder,
+            limit=config.eval_limit,
+            latency=False,
+            model_name="base",
+            seed=config.seed,
+            batch_size=config.eval_batch_size,
+            max_new_tokens=config.max_new_tokens,
         )
         stages.finish("sweep", verdict=sweep.get("verdict"))
 
@@ -229,9 +236,16 @@ def run_demo(
         folder = stages.start(stage)
         model_dir = base_dir if name == "base" else out / "sft" / name / "model"
         evaluation.evaluate(
-            str(model_dir), config.ks, [str(t) for t in eval_tasks], out_dir=folder, limit=config.eval_limit,
-            latency=config.latency, model_name=name, seed=config.seed,
-            batch_size=config.eval_batch_size, max_new_tokens=config.max_new_tokens,
+            str(model_dir),
+            config.ks,
+            [str(t) for t in eval_tasks],
+            out_dir=folder,
+            limit=config.eval_limit,
+            latency=config.latency,
+            model_name=name,
+            seed=config.seed,
+            batch_size=config.eval_batch_size,
+            max_new_tokens=config.max_new_tokens,
         )
         stages.finish(stage)
     comparison = evaluation.compare(
@@ -343,7 +357,9 @@ def summarize(comparison: dict[str, Any], config: DemoConfig) -> list[str]:
     lines = []
     for row in comparison["oracle_vs_phds"]:
         diff = row["diff"]
-        verdict = "not significant" if not diff["significant"] else ("PHDS better" if diff["diff"] > 0 else "oracle better")
+        verdict = (
+            "not significant" if not diff["significant"] else ("PHDS better" if diff["diff"] > 0 else "oracle better")
+        )
         lines.append(
             f"{row['task']} k={row['k']}: PHDS {row['phds']['value']:.3f} vs oracle {row['oracle_value']['value']:.3f}"
             f"  Δ {diff['diff']:+.3f} [{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}] ({verdict})"

@@ -142,7 +142,9 @@ def _output_positions(router: nn.Module, num_experts: int) -> tuple[int, int, in
     indices = [i for i, t in tensors if not t.is_floating_point() and t.shape[-1] == router.top_k]
     logits = [i for i, t in tensors if t.is_floating_point() and t.shape[-1] == num_experts]
     weights = [
-        i for i, t in tensors if t.is_floating_point() and i not in logits and indices and t.shape == out[indices[0]].shape
+        i
+        for i, t in tensors
+        if t.is_floating_point() and i not in logits and indices and t.shape == out[indices[0]].shape
     ]
     if not (indices and logits and weights):
         raise NotAnMoEError(
@@ -155,7 +157,9 @@ def _output_positions(router: nn.Module, num_experts: int) -> tuple[int, int, in
 def _probe_renormalizes(router: nn.Module, weights_pos: int) -> bool:
     """Does the router give its top-k weights a fixed sum? Asked of the router itself at k=1 and k=2."""
     weight = _router_weight(router)
-    probe = torch.randn(32, weight.shape[1], generator=torch.Generator().manual_seed(1)).to(weight.device, weight.dtype)
+    probe = torch.randn(32, weight.shape[1], generator=torch.Generator().manual_seed(1)).to(
+        weight.device, weight.dtype
+    )
     saved = router.top_k
     sums = []
     try:
@@ -210,7 +214,9 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
         _register(module, num_experts)
         match = _LAYER_INDEX.search(name)
         shared = tuple(
-            child for child_name, child in block.named_children() if "shared" in child_name and not child_name.endswith("gate")
+            child
+            for child_name, child in block.named_children()
+            if "shared" in child_name and not child_name.endswith("gate")
         )
         layers.append(
             MoELayer(
@@ -324,9 +330,7 @@ def _check_tensor(k: torch.Tensor, layers: list[MoELayer]) -> torch.Tensor:
     return k.to(torch.long)
 
 
-def _plans_for(
-    layers: list[MoELayer], k: KSpec, epsilon: float, renormalize: bool | None
-) -> dict[int, _Plan]:
+def _plans_for(layers: list[MoELayer], k: KSpec, epsilon: float, renormalize: bool | None) -> dict[int, _Plan]:
     """Validate `k` completely and return the new plan of every layer; touches nothing."""
     if not isinstance(epsilon, (int, float)) or isinstance(epsilon, bool) or not 0.0 <= epsilon < 1.0:
         raise ValueError(f"`epsilon` must be a float in [0, 1), got {epsilon!r}")
@@ -338,7 +342,9 @@ def _plans_for(
         by_index = {layer.index: layer for layer in layers}
         unknown = sorted(set(k) - set(by_index), key=str)
         if unknown:
-            raise ValueError(f"per-layer `k` names layers {unknown} that are not MoE layers; MoE layers are {sorted(by_index)}")
+            raise ValueError(
+                f"per-layer `k` names layers {unknown} that are not MoE layers; MoE layers are {sorted(by_index)}"
+            )
         plans = {}
         for layer in layers:
             old = current[id(layer.router)]
@@ -435,7 +441,7 @@ def get_k(model: nn.Module) -> int | dict[int, int] | torch.Tensor:
     for plan in plans:
         if isinstance(plan.k, torch.Tensor):
             return plan.k
-    ks = {layer.index: plan.k for layer, plan in zip(layers, plans)}
+    ks = {layer.index: plan.k for layer, plan in zip(layers, plans, strict=True)}
     values = set(ks.values())
     return values.pop() if len(values) == 1 else ks
 

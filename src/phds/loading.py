@@ -32,8 +32,14 @@ def default_device() -> torch.device:
 def _resolve_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
     if isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in names:
         raise ValueError(f"`dtype` must be 'auto' or one of {sorted(names)}, got {dtype!r}")
     return names[dtype]
@@ -73,7 +79,7 @@ def load(
     if experts_implementation == "phds":
         import phds.engine  # noqa: F401  registers the "phds" experts implementation with transformers
     if name.startswith(TINY_PREFIX):
-        arch = name[len(TINY_PREFIX):]
+        arch = name[len(TINY_PREFIX) :]
         if arch not in FAMILIES:
             raise ValueError(f"unknown tiny model {name!r}; choose one of {[TINY_PREFIX + f for f in FAMILIES]}")
         model = tiny_model(arch, dtype=torch.float32 if dtype == "auto" else _resolve_dtype(dtype))

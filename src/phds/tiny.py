@@ -43,8 +43,13 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
     ),
     "gpt_oss": (
         "GptOssConfig",
-        dict(num_local_experts=8, intermediate_size=32, head_dim=8, sliding_window=16,
-             rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+        dict(
+            num_local_experts=8,
+            intermediate_size=32,
+            head_dim=8,
+            sliding_window=16,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        ),
     ),
 }
 

@@ -17,7 +17,6 @@ app = typer.Typer(
 )
 
 
-
 @app.callback()
 def _root() -> None:
     """Post Hoc Declared Sparsity: one MoE checkpoint, any declared top-k at inference time."""
