@@ -218,22 +218,26 @@ def engine_decode(engine: Engine, prompts_BS: torch.Tensor, ks: list[int], new_t
     return times[1] - times[0], _median(steps), ordered
 
 
-def train_step_seconds(model, k: int, implementation: str, batch: int, seq: int, repeats: int, seed: int) -> float:
-    """Median seconds of one forward + backward (causal-LM loss) at `k` with `implementation`."""
-    model.set_experts_implementation(implementation)
+def train_step_seconds(
+    model, k: int, implementations: list[str], batch: int, seq: int, repeats: int, seed: int
+) -> dict[str, float]:
+    """Median seconds of one forward + backward (causal-LM loss) at `k` for each experts implementation; the
+    implementations alternate step by step so a load change on a shared machine hits them alike."""
     ids = torch.randint(4, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in implementations}
     model.train()
     try:
         with dial.sparsity(model, k):
-            for _ in range(repeats + 1):
-                start = time.perf_counter()
-                model(ids, labels=ids).loss.backward()
-                times.append(time.perf_counter() - start)
-                model.zero_grad(set_to_none=True)
+            for _ in range(repeats + 1):  # the first round warms up
+                for name in implementations:
+                    model.set_experts_implementation(name)
+                    start = time.perf_counter()
+                    model(ids, labels=ids).loss.backward()
+                    times[name].append(time.perf_counter() - start)
+                    model.zero_grad(set_to_none=True)
     finally:
         model.eval()
-    return _median(times[1:])
+    return {name: _median(values[1:]) for name, values in times.items()}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -311,10 +315,16 @@ def bench(config: BenchConfig, progress: Callable[[str], None] | None = None) ->
         for k in config.ks:
             note(f"training step k={k}")
             entry = {"k": k, "batch": config.train_batch, "seq": config.train_seq}
-            for implementation in (IMPLEMENTATION, "grouped_mm"):
-                entry[f"{implementation}_s"] = train_step_seconds(
-                    model, k, implementation, config.train_batch, config.train_seq, config.repeats, config.seed
-                )
+            seconds = train_step_seconds(
+                model,
+                k,
+                [IMPLEMENTATION, "grouped_mm"],
+                config.train_batch,
+                config.train_seq,
+                config.repeats,
+                config.seed,
+            )
+            entry.update({f"{name}_s": value for name, value in seconds.items()})
             entry["speedup_vs_grouped_mm"] = entry["grouped_mm_s"] / entry[f"{IMPLEMENTATION}_s"]
             results["train"].append(entry)
     model.set_experts_implementation(saved_implementation)
