@@ -356,3 +356,11 @@ def test_active_parameters_grow_with_k():
     assert counts == sorted(counts) and len(set(counts)) == 8
     per_expert = sum(p.numel() for p in phds.moe_layers(model)[0].experts.parameters()) // 8
     assert counts[1] - counts[0] == per_expert * len(phds.moe_layers(model))
+
+
+def test_a_model_routing_to_every_expert_can_be_dialled(input_ids):
+    model = phds.tiny_model("mixtral", num_local_experts=4, num_experts_per_tok=4)
+    assert phds.moe_layers(model)[0].k_pre == 4
+    phds.set_k(model, 2)
+    expected = _logits(twin_at_k(model, "mixtral", 2, num_local_experts=4), input_ids)
+    torch.testing.assert_close(_logits(model, input_ids), expected, rtol=0, atol=0)

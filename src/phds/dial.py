@@ -125,6 +125,9 @@ def _output_positions(router: nn.Module, num_experts: int) -> tuple[int, int, in
     """Positions of (logits, weights, indices) in the router's output tuple, read off one probe forward."""
     weight = _router_weight(router)
     probe = torch.randn(4, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    saved = router.top_k
+    # Probe at k=1 so the top-k outputs cannot be mistaken for the per-expert logits (when k_pre == num_experts).
+    router.top_k = 1
     try:
         with torch.no_grad():
             out = router(probe)
@@ -133,13 +136,15 @@ def _output_positions(router: nn.Module, num_experts: int) -> tuple[int, int, in
             f"router {type(router).__name__} cannot be called on hidden states alone ({error}); "
             "this MoE family cannot be dialled"
         ) from error
+    finally:
+        router.top_k = saved
     if not isinstance(out, tuple):
         raise NotAnMoEError(
             f"router {type(router).__name__} returns {type(out).__name__}, not a (logits, weights, indices) tuple; "
             "this MoE family cannot be dialled"
         )
     tensors = [(i, t) for i, t in enumerate(out) if isinstance(t, torch.Tensor)]
-    indices = [i for i, t in tensors if not t.is_floating_point() and t.shape[-1] == router.top_k]
+    indices = [i for i, t in tensors if not t.is_floating_point() and t.shape[-1] == 1]
     logits = [i for i, t in tensors if t.is_floating_point() and t.shape[-1] == num_experts]
     weights = [
         i
