@@ -27,10 +27,11 @@ from pathlib import Path
 
 import torch
 import transformers
+from rich.console import Console
 
 import phds
 from phds import evaluation, training
-from phds.demo import DemoConfig, _embed, _Stages, summarize
+from phds.demo import DemoConfig, _embed, _phds_ahead, _Stages, summarize
 from phds.sidecar import Sidecar
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -39,9 +40,9 @@ SEED = 0
 NUM_EXPERTS, K_PRE, HIDDEN, EXPERT_SIZE, LAYERS = 16, 4, 128, 128, 2
 KS, ANCHOR_K, ANCHOR_FRACTION = [2, 3, 4], 2, 0.1
 SEQ_LEN, BATCH = 64, 8
-PRETRAIN_STEPS, PRETRAIN_LR = 600, 3e-3
-SFT_STEPS, SFT_LR = 150, 1e-3
-EVAL_WINDOWS = 48  # sliding windows of SEQ_LEN tokens per perplexity task (stride SEQ_LEN // 2)
+PRETRAIN_STEPS, PRETRAIN_LR = 240, 3e-3
+SFT_STEPS, SFT_LR = 60, 1e-3
+EVAL_WINDOWS = 24  # sliding windows of SEQ_LEN tokens per perplexity task (stride SEQ_LEN // 2)
 TOKENIZER_FILE = "tokenizers/olmoe-gpt-neox-olmo-dolma-v1_5.json"
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -117,7 +118,7 @@ def main() -> None:
         sys.exit(f"error: {args.data} is not the shared data folder (no {TOKENIZER_FILE}); pass --data")
     global PRETRAIN_STEPS, SFT_STEPS, EVAL_WINDOWS
     if args.quick:
-        PRETRAIN_STEPS, SFT_STEPS, EVAL_WINDOWS = 20, 6, 8
+        PRETRAIN_STEPS, SFT_STEPS, EVAL_WINDOWS = 24, 6, 8
 
     started = time.perf_counter()
     out = args.out
@@ -142,7 +143,7 @@ def main() -> None:
         n_sft=0,
         n_eval=0,
     )
-    stages = _Stages(out, settings, args.force, print)
+    stages = _Stages(out, settings, args.force, Console(highlight=False).print)
     tokenizer = olmoe_tokenizer(args.data)
 
     # --- data: pretrain on WikiText-2 (valid split), SFT on TinyShakespeare; hold out the tail of Shakespeare
@@ -254,6 +255,18 @@ def main() -> None:
         "## Summary",
         "",
         *[f"- {line}" for line in summary],
+        "",
+        "## Where PHDS falls short of an oracle",
+        "",
+        *(
+            [
+                f"- {r['task']} at k={r['k']}: PHDS ppl is higher than the oracle's by {abs(r['diff']['diff']):.2f} "
+                f"({'significant' if r['diff']['significant'] else 'within the CI'})"
+                for r in comparison["oracle_vs_phds"]
+                if not _phds_ahead(r)
+            ]
+            or ["- nowhere: PHDS matches or beats the oracle at every declared k on both texts."]
+        ),
         "",
         "## Base model sweep",
         "",

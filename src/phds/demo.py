@@ -385,9 +385,8 @@ def summarize(comparison: dict[str, Any], config: DemoConfig) -> list[str]:
     lines = []
     for row in comparison["oracle_vs_phds"]:
         diff = row["diff"]
-        verdict = (
-            "not significant" if not diff["significant"] else ("PHDS better" if diff["diff"] > 0 else "oracle better")
-        )
+        phds_ahead = _phds_ahead(row)
+        verdict = "not significant" if not diff["significant"] else ("PHDS better" if phds_ahead else "oracle better")
         lines.append(
             f"{row['task']} k={row['k']}: PHDS {row['phds']['value']:.3f} vs oracle {row['oracle_value']['value']:.3f}"
             f"  Δ {diff['diff']:+.3f} [{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}] ({verdict})"
@@ -406,15 +405,20 @@ def summarize(comparison: dict[str, Any], config: DemoConfig) -> list[str]:
     return lines
 
 
+def _phds_ahead(row: dict[str, Any]) -> bool:
+    """Is PHDS ahead of the oracle in this `oracle_vs_phds` row? Perplexity is better when lower."""
+    return row["diff"]["diff"] < 0 if row["metric"] == "ppl" else row["diff"]["diff"] > 0
+
+
 def write_report(
     out: Path, config: DemoConfig, comparison: dict[str, Any], summary: list[str], *, minutes: float, reused: int = 0
 ):
     """`out/report.md`: recipe, base sweep, comparison tables (from `compare`), plots and the summary."""
     shortfalls = [
-        f"- {r['task']} at k={r['k']}: PHDS is below the oracle by {-r['diff']['diff']:.3f} "
+        f"- {r['task']} at k={r['k']}: PHDS is behind the oracle by {abs(r['diff']['diff']):.3f} {r['metric']} "
         f"({'significant' if r['diff']['significant'] else 'within the CI'})"
         for r in comparison["oracle_vs_phds"]
-        if r["diff"]["diff"] < 0
+        if r["diff"]["diff"] != 0 and not _phds_ahead(r)
     ]
     for name in ("frontier.png",):
         if (out / "compare" / name).is_file():
