@@ -11,12 +11,16 @@ epoch, cosine schedule), not a tuned reproduction; adjust `max_steps`/batch to y
 
 from __future__ import annotations
 
-import argparse
+import sys
+from pathlib import Path
 
-from phds.training import PHDSConfig, train
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: the shared recipe sits beside it
+
+from tulu3_sft import run, tulu3_config  # noqa: E402
+
+from phds.training import PHDSConfig  # noqa: E402
 
 MODEL = "allenai/OLMoE-1B-7B-0125"
-DATA = "allenai/tulu-3-sft-mixture"  # `messages` rows, formatted with the model's chat template
 
 
 def olmoe_phds(output_dir: str, *, fixed_k: int | None = None, lora: bool = False, num_gpus: int = 8) -> PHDSConfig:
@@ -24,49 +28,8 @@ def olmoe_phds(output_dir: str, *, fixed_k: int | None = None, lora: bool = Fals
 
     Example: `train(MODEL, olmoe_phds("runs/olmoe-phds"), train_data=DATA)`.
     """
-    per_device = 4
-    return PHDSConfig(
-        output_dir=output_dir,
-        ks=None if fixed_k is not None else [4, 5, 6, 7, 8],
-        anchor_k=None if fixed_k is not None else 4,
-        anchor_fraction=0.06,
-        fixed_k=fixed_k,
-        select_by="k_pre",
-        num_train_epochs=1,
-        per_device_train_batch_size=per_device,
-        per_device_eval_batch_size=per_device,
-        gradient_accumulation_steps=max(1, 128 // (per_device * num_gpus)),
-        learning_rate=1e-4 if lora else 2e-5,
-        lr_scheduler_type="cosine",
-        warmup_steps=0.03,
-        weight_decay=0.0,
-        max_length=4096,
-        bf16=None,  # on where the GPU supports it (the default)
-        activation_checkpointing=True,
-        eval_steps=0.05,
-        save_steps=0.05,
-        eval_fraction=0.01,
-        max_eval_samples=1024,
-        logging_steps=10,
-        lora=lora,
-        lora_r=64,
-        lora_alpha=128,
-        seed=0,
-    )
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="PHDS / oracle SFT of OLMoE-1B-7B-0125 on Tulu-3")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--fixed-k", type=int, default=None)
-    parser.add_argument("--lora", action="store_true")
-    parser.add_argument("--data", default=DATA)
-    parser.add_argument("--resume", action="store_true")
-    args = parser.parse_args()
-    config = olmoe_phds(args.out, fixed_k=args.fixed_k, lora=args.lora)
-    config.resume_from_checkpoint = "last" if args.resume else None
-    train(MODEL, config, train_data=args.data)
+    return tulu3_config(output_dir, ks=[4, 5, 6, 7, 8], fixed_k=fixed_k, lora=lora, num_gpus=num_gpus)
 
 
 if __name__ == "__main__":
-    main()
+    run(MODEL, "PHDS / oracle SFT of OLMoE-1B-7B-0125 on Tulu-3", olmoe_phds)
