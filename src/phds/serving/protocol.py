@@ -171,23 +171,29 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-class CompletionChoice(BaseModel):
+class _Choice(BaseModel):
     index: int = 0
-    text: str
     logprobs: None = None
     finish_reason: str | None
     token_ids: list[int] | None = Field(None, description="Generated token ids (with return_token_ids).")
 
 
-class CompletionResponse(BaseModel):
+class _Response(BaseModel):
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
     k: int = Field(..., description="Experts per token this request ran at.")
     prompt_token_ids: list[int] | None = Field(None, description="Prompt token ids (with return_token_ids).")
+
+
+class CompletionChoice(_Choice):
+    text: str
+
+
+class CompletionResponse(_Response):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
 
 
 class AssistantMessage(BaseModel):
@@ -195,23 +201,14 @@ class AssistantMessage(BaseModel):
     content: str
 
 
-class ChatChoice(BaseModel):
-    index: int = 0
+class ChatChoice(_Choice):
     message: AssistantMessage
-    logprobs: None = None
-    finish_reason: str | None
-    token_ids: list[int] | None = Field(None, description="Generated token ids (with return_token_ids).")
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(_Response):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
     usage: Usage
-    k: int = Field(..., description="Experts per token this request ran at.")
-    prompt_token_ids: list[int] | None = Field(None, description="Prompt token ids (with return_token_ids).")
 
 
 class Delta(BaseModel):
