@@ -159,6 +159,8 @@ def plot_frontier(
             task_info = next(r for r in results_list if task_name in r["tasks"])["tasks"][task_name]
             better = "higher" if task_info["higher_is_better"] else "lower"
             ax.set_title(task_name, fontsize=10)
+            if task_info["primary"] == "ppl":
+                ax.set_yscale("log")  # models before and after fine-tuning differ by orders of magnitude
             ax.set_ylabel(f"{task_info['primary']} ({better} is better)")
             ax.set_xlabel("active parameters per token (M)" if col == 0 else "decode ms/token (measured)")
             ax.grid(alpha=0.3)
