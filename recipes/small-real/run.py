@@ -41,7 +41,7 @@ NUM_EXPERTS, K_PRE, HIDDEN, EXPERT_SIZE, LAYERS = 16, 4, 128, 128, 2
 KS, ANCHOR_K, ANCHOR_FRACTION = [2, 3, 4], 2, 0.1
 SEQ_LEN, BATCH = 64, 8
 PRETRAIN_STEPS, PRETRAIN_LR = 240, 3e-3
-SFT_STEPS, SFT_LR = 60, 1e-3
+SFT_STEPS, SFT_LR = 200, 1e-3
 EVAL_WINDOWS = 24  # sliding windows of SEQ_LEN tokens per perplexity task (stride SEQ_LEN // 2)
 TOKENIZER_FILE = "tokenizers/olmoe-gpt-neox-olmo-dolma-v1_5.json"
 # ----------------------------------------------------------------------------------------------------------------------
