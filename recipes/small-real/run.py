@@ -31,7 +31,7 @@ from rich.console import Console
 
 import phds
 from phds import evaluation, training
-from phds.demo import DemoConfig, _embed, _phds_ahead, _Stages, summarize
+from phds.demo import DemoConfig, _embed, _Stages, copy_plots, shortfall_lines, summarize
 from phds.sidecar import Sidecar
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -258,15 +258,7 @@ def main() -> None:
         "",
         "## Where PHDS falls short of an oracle",
         "",
-        *(
-            [
-                f"- {r['task']} at k={r['k']}: PHDS ppl is higher than the oracle's by {abs(r['diff']['diff']):.2f} "
-                f"({'significant' if r['diff']['significant'] else 'within the CI'})"
-                for r in comparison["oracle_vs_phds"]
-                if not _phds_ahead(r)
-            ]
-            or ["- nowhere: PHDS matches or beats the oracle at every declared k on both texts."]
-        ),
+        *shortfall_lines(comparison),
         "",
         "## Base model sweep",
         "",
@@ -280,8 +272,7 @@ def main() -> None:
         "",
     ]
     (out / "report.md").write_text("\n".join(report))
-    shutil.copyfile(out / "compare" / "frontier.png", out / "frontier.png")
-    shutil.copyfile(out / "eval" / "phds" / "agreement.png", out / "agreement.png")
+    copy_plots(out)
     shutil.copyfile(out / "compare" / "compare.json", out / "results.json")
     print("\n".join(summary))
     print(f"report: {out / 'report.md'}  ({minutes:.1f} min)")

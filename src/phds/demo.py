@@ -410,21 +410,32 @@ def _phds_ahead(row: dict[str, Any]) -> bool:
     return row["diff"]["diff"] < 0 if row["metric"] == "ppl" else row["diff"]["diff"] > 0
 
 
-def write_report(
-    out: Path, config: DemoConfig, comparison: dict[str, Any], summary: list[str], *, minutes: float, reused: int = 0
-):
-    """`out/report.md`: recipe, base sweep, comparison tables (from `compare`), plots and the summary."""
-    shortfalls = [
+def shortfall_lines(comparison: dict[str, Any]) -> list[str]:
+    """Markdown bullets for every task and k where PHDS is behind the oracle at that k (a tie is not a shortfall).
+
+    Example: `"\n".join(shortfall_lines(phds.evaluation.compare(paths)))`.
+    """
+    lines = [
         f"- {r['task']} at k={r['k']}: PHDS is behind the oracle by {abs(r['diff']['diff']):.3f} {r['metric']} "
         f"({'significant' if r['diff']['significant'] else 'within the CI'})"
         for r in comparison["oracle_vs_phds"]
         if r["diff"]["diff"] != 0 and not _phds_ahead(r)
     ]
-    for name in ("frontier.png",):
-        if (out / "compare" / name).is_file():
-            shutil.copyfile(out / "compare" / name, out / name)
-    if (out / "eval" / "phds" / "agreement.png").is_file():
-        shutil.copyfile(out / "eval" / "phds" / "agreement.png", out / "agreement.png")
+    return lines or ["- nowhere: PHDS matches or beats the oracle at every declared k on every task."]
+
+
+def copy_plots(out: Path) -> None:
+    """Put the comparison's frontier and PHDS's agreement heatmap at the top of `out`, beside report.md."""
+    for source in (out / "compare" / "frontier.png", out / "eval" / "phds" / "agreement.png"):
+        if source.is_file():
+            shutil.copyfile(source, out / source.name)
+
+
+def write_report(
+    out: Path, config: DemoConfig, comparison: dict[str, Any], summary: list[str], *, minutes: float, reused: int = 0
+):
+    """`out/report.md`: recipe, base sweep, comparison tables (from `compare`), plots and the summary."""
+    copy_plots(out)
     lines = [
         "# PHDS demo report",
         "",
@@ -441,7 +452,7 @@ def write_report(
         "",
         "## Where PHDS falls short of an oracle",
         "",
-        *(shortfalls or ["- nowhere: PHDS matches or beats the oracle at every declared k on every task."]),
+        *shortfall_lines(comparison),
         "",
         "## Base model: robustness probe (k = 1..k_pre, before any SFT)",
         "",
