@@ -79,6 +79,32 @@ def test_one_token_decode_path_matches_eager(arch_name):
             torch.testing.assert_close(sparse(ids).logits, eager(ids).logits, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("k", ["per_row", "per_token"])
+def test_few_tokens_decode_path_matches_eager(monkeypatch, arch, k, input_ids):
+    """Several tokens through the per-expert decode path (forced here: the tiny models have too few experts for
+    the speed rule to pick it), with experts shared between tokens and per-row or per-token k."""
+    calls = []
+    monkeypatch.setattr(experts_module, "_few_tokens_is_faster", lambda t, s, e: calls.append(t) or True)
+    ks = (
+        torch.tensor([1, 3, 4])
+        if k == "per_row"
+        else torch.randint(1, 5, input_ids.shape, generator=torch.Generator().manual_seed(1))
+    )
+    eager, sparse = _pair(arch, ks)
+    for model in (eager, sparse):
+        model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(input_ids).logits, eager(input_ids).logits, rtol=1e-5, atol=1e-6)
+    assert calls and all(t == input_ids.numel() for t in calls)
+
+
+def test_speed_rule_sends_decode_batches_to_per_expert_calls_and_prefill_to_grouped():
+    assert experts_module._few_tokens_is_faster(1, 8, 64)
+    assert experts_module._few_tokens_is_faster(8, 1, 64)  # a batch of 8 at k=1
+    assert not experts_module._few_tokens_is_faster(8, 8, 64)  # a batch of 8 at k=8: most experts are hit
+    assert not experts_module._few_tokens_is_faster(64, 1, 64)  # prefill
+
+
 def test_epsilon_slots_are_computed_like_eager(input_ids):
     eager, sparse = _pair("mixtral", 4)
     for model in (eager, sparse):
