@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from phds.cli import app
-from phds.engine.benchmark import BenchConfig, bench, build_model
+from phds.engine.benchmark import BenchConfig, batch_floor_seconds, bench, build_model, floor_seconds
 
 
 def test_bench_reports_decode_prefill_mixed_and_train_with_identical_mixed_outputs():
@@ -30,8 +32,23 @@ def test_bench_reports_decode_prefill_mixed_and_train_with_identical_mixed_outpu
     assert results["prefill"][0]["tokens"] == 6
     assert results["mixed"]["outputs_identical"] is True
     assert results["mixed"]["ks"] == [1, 1, 2, 2, 4, 4, 8, 8]
+    assert results["mixed"]["distinct_experts_per_step"] == 2 * 8  # the k=8 rows use all 8 experts of both layers
+    assert results["mixed"]["decode_tokens"] == 8 * 2
+    assert results["mixed"]["floor_bound"] > 1  # the shared weights are read once for 8 rows
     assert {row["k"] for row in results["train"]} == {1, 4}
     assert "dial_payoff" in results["goals"]
+    markdown = _render_markdown().render(results)  # the script behind docs/performance.md's tables
+    separators = [line for line in markdown.splitlines() if line.startswith("|---|")]
+    assert len(separators) == 4  # decode, prefill, mixed and training tables
+    assert "| decode |" in markdown and "| 4 | 2 |" in markdown
+
+
+def _render_markdown():
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "render_markdown.py"
+    spec = importlib.util.spec_from_file_location("render_markdown", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_bench_cli_writes_json(tmp_path):
@@ -79,3 +96,13 @@ def test_tiny_config_fields_are_parsed_and_k_above_experts_is_rejected():
     assert build_model(BenchConfig(tiny_config="olmoe:num_experts=4,num_experts_per_tok=2")).config.num_experts == 4
     result = CliRunner().invoke(app, ["bench", "--tiny-config", "olmoe:num_experts=6", "--k", "9"])
     assert result.exit_code == 2 and "ks" in result.output
+
+
+def test_batch_floor_reads_the_shared_weights_once_and_each_distinct_expert_once():
+    model = build_model(BenchConfig(tiny_config="olmoe:num_experts=8"))
+    layers = model.config.num_hidden_layers
+    bandwidth = 1e9
+    # one expert per layer is a k=1 token, every expert of every layer is a token at k = all experts
+    assert batch_floor_seconds(model, layers, bandwidth) == pytest.approx(floor_seconds(model, 1, bandwidth))
+    assert batch_floor_seconds(model, layers * 8, bandwidth) == pytest.approx(floor_seconds(model, 8, bandwidth))
+    assert batch_floor_seconds(model, layers * 3, bandwidth) == pytest.approx(floor_seconds(model, 3, bandwidth))

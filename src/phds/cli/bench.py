@@ -72,63 +72,14 @@ def bench(
 
 
 def _print(results: dict) -> None:
-    machine, info = results["machine"], results["model"]
-    console.print(
-        f"[bold]{info['class']}[/] {info['parameters'] / 1e6:.0f}M params {info['dtype']}, {info['num_experts']} "
-        f"experts, k_pre {info['k_pre']}; {machine['threads']} threads, bandwidth {machine['bandwidth_GBps']:.1f} GB/s"
-    )
-    stock = list(results["config"]["stock"])
-    if results["decode"]:
-        table = Table(title="decode (ms per token per sequence; medians)")
-        for column in (
-            ["k", "batch", "engine ms", "floor ms", "x floor"]
-            + [f"{s} ms" for s in stock]
-            + [f"vs {s}" for s in stock]
-        ):
+    from phds.engine.benchmark import result_tables, run_summary
+
+    console.print(run_summary(results))
+    for title, header, rows in result_tables(results):
+        table = Table(title=title)
+        for column in header:
             table.add_column(column, justify="right")
-        for row in results["decode"]:
-            table.add_row(
-                str(row["k"]),
-                str(row["batch"]),
-                f"{row['engine_ms']:.2f}",
-                f"{row['floor_ms']:.2f}" if "floor_ms" in row else "-",
-                f"{row['x_floor']:.2f}" if "x_floor" in row else "-",
-                *[f"{row['stock_ms'][s]:.2f}" for s in stock],
-                *[f"{row['speedup'][s]:.2f}x" for s in stock],
-            )
-        console.print(table)
-        table = Table(title="prefill (tokens/s; medians)")
-        for column in ["k", "batch", "tokens", "engine"] + stock + ["vs best stock"]:
-            table.add_column(column, justify="right")
-        for row in results["prefill"]:
-            ratio = row["vs_best_stock"]
-            table.add_row(
-                str(row["k"]),
-                str(row["batch"]),
-                str(row["tokens"]),
-                f"{row['engine_tok_s']:.0f}",
-                *[f"{row['stock_tok_s'][s]:.0f}" for s in stock],
-                f"{ratio:.2f}x" if ratio is not None else "-",
-            )
-        console.print(table)
-    mixed = results["mixed"]
-    if mixed is not None:
-        console.print(
-            f"mixed-k batch k={mixed['ks']}: {mixed['batched_tok_s']:.1f} tok/s as one batch vs "
-            f"{mixed['sequential_tok_s']:.1f} tok/s one after another = {mixed['speedup']:.2f}x; outputs identical: "
-            f"{mixed['outputs_identical']}"
-        )
-    if results["train"]:
-        table = Table(title="training step, forward + backward (s; medians)")
-        for column in ["k", "batch x seq", "phds", "grouped_mm", "speedup"]:
-            table.add_column(column, justify="right")
-        for row in results["train"]:
-            table.add_row(
-                str(row["k"]),
-                f"{row['batch']}x{row['seq']}",
-                f"{row['phds_s']:.3f}",
-                f"{row['grouped_mm_s']:.3f}",
-                f"{row['speedup_vs_grouped_mm']:.2f}x",
-            )
+        for row in rows:
+            table.add_row(*row)
         console.print(table)
     console.print(f"goals: {json.dumps(results['goals'])}")
