@@ -339,16 +339,19 @@ def bench(config: BenchConfig, progress: Callable[[str], None] | None = None) ->
             }
             for repeat in range(config.repeats):
                 prompts = _prompts(config, batch, vocab, offset=repeat)
-                note(f"decode k={k} batch={batch} repeat {repeat + 1}: engine")
-                model.set_experts_implementation(IMPLEMENTATION)
-                run = engine_decode(engine, prompts, [k] * batch, config.new_tokens)
-                row["engine_ms"].append(run.step_s * 1e3)
-                prefill["engine_s"].append(run.prefill_s)
-                for implementation in config.stock:
-                    note(f"decode k={k} batch={batch} repeat {repeat + 1}: stock {implementation}")
-                    pre, step = stock_decode(model, prompts, k, implementation, config.new_tokens)
-                    row["stock_ms"][implementation].append(step * 1e3)
-                    prefill["stock_s"][implementation].append(pre)
+                # Odd repeats run the contenders in reverse order, so running first or last is no advantage.
+                order = [None, *config.stock]
+                for implementation in order if repeat % 2 == 0 else order[::-1]:
+                    note(f"decode k={k} batch={batch} repeat {repeat + 1}: {implementation or 'engine'}")
+                    if implementation is None:
+                        model.set_experts_implementation(IMPLEMENTATION)
+                        run = engine_decode(engine, prompts, [k] * batch, config.new_tokens)
+                        row["engine_ms"].append(run.step_s * 1e3)
+                        prefill["engine_s"].append(run.prefill_s)
+                    else:
+                        pre, step = stock_decode(model, prompts, k, implementation, config.new_tokens)
+                        row["stock_ms"][implementation].append(step * 1e3)
+                        prefill["stock_s"][implementation].append(pre)
             results["decode"].append(_summarise_decode(row, model, k, batch, bandwidth))
             results["prefill"].append(_summarise_prefill(prefill))
     if config.mixed:
