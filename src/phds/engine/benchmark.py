@@ -422,12 +422,15 @@ def _mixed_row(config: BenchConfig, engine: Engine, model, vocab: int, bandwidth
     identical = True
     for repeat in range(config.repeats):
         prompts = _prompts(config, len(ks), vocab, offset=100 + repeat)
-        note(f"mixed-k batch {ks} repeat {repeat + 1}")
-        batched.append(engine_decode(engine, prompts, ks, config.new_tokens))
-        note(f"mixed-k one after another repeat {repeat + 1}")
-        sequential.append(
-            [engine_decode(engine, prompts[i : i + 1], [k], config.new_tokens) for i, k in enumerate(ks)]
-        )
+        for together in (True, False) if repeat % 2 == 0 else (False, True):
+            if together:
+                note(f"mixed-k batch {ks} repeat {repeat + 1}")
+                batched.append(engine_decode(engine, prompts, ks, config.new_tokens))
+            else:
+                note(f"mixed-k one after another repeat {repeat + 1}")
+                sequential.append(
+                    [engine_decode(engine, prompts[i : i + 1], [k], config.new_tokens) for i, k in enumerate(ks)]
+                )
         identical &= batched[-1].outputs == [run.outputs[0] for run in sequential[-1]]
     note("mixed-k batch: counting the experts each step reads")
     distinct = distinct_experts_per_step(engine, _prompts(config, len(ks), vocab, offset=100), ks, config.new_tokens)
