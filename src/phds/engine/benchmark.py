@@ -264,14 +264,15 @@ def train_step_seconds(
     model, k: int, implementations: list[str], batch: int, seq: int, repeats: int, seed: int
 ) -> dict[str, float]:
     """Median seconds of one forward + backward (causal-LM loss) at `k` for each experts implementation; the
-    implementations alternate step by step so a load change on a shared machine hits them alike."""
+    implementations alternate step by step, and swap places every round, so a load change on a shared machine and
+    running first or second hit them alike."""
     ids = torch.randint(4, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
     times: dict[str, list[float]] = {name: [] for name in implementations}
     model.train()
     try:
         with dial.sparsity(model, k):
-            for _ in range(repeats + 1):  # the first round warms up
-                for name in implementations:
+            for round_ in range(repeats + 1):  # the first round warms up; odd rounds run in reverse order
+                for name in implementations if round_ % 2 == 0 else implementations[::-1]:
                     model.set_experts_implementation(name)
                     start = time.perf_counter()
                     model(ids, labels=ids).loss.backward()
