@@ -179,7 +179,7 @@ class _StepTimer(LogitsProcessor):
         return scores
 
 
-def _prompts(config: BenchConfig, batch: int, vocab: int, offset: int = 0) -> torch.Tensor:
+def random_prompts(config: BenchConfig, batch: int, vocab: int, offset: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(config.seed + offset)
     return torch.randint(4, vocab, (batch, config.prompt_len), generator=generator)
 
@@ -277,8 +277,11 @@ def train_step_seconds(
                     start = time.perf_counter()
                     model(ids, labels=ids).loss.backward()
                     times[name].append(time.perf_counter() - start)
-                    model.zero_grad(set_to_none=True)
+                    # Keep the gradient buffers: freeing 1.7 GB of them every step made step times alternate
+                    # between 1.4 and 3.0 s here (the memory goes back to the OS and is page-faulted in again).
+                    model.zero_grad(set_to_none=False)
     finally:
+        model.zero_grad(set_to_none=True)
         model.eval()
     return {name: _median(values[1:]) for name, values in times.items()}
 
@@ -339,7 +342,7 @@ def bench(config: BenchConfig, progress: Callable[[str], None] | None = None) ->
                 "stock_s": {s: [] for s in config.stock},
             }
             for repeat in range(config.repeats):
-                prompts = _prompts(config, batch, vocab, offset=repeat)
+                prompts = random_prompts(config, batch, vocab, offset=repeat)
                 # Odd repeats run the contenders in reverse order, so running first or last is no advantage.
                 order = [None, *config.stock]
                 for implementation in order if repeat % 2 == 0 else order[::-1]:
@@ -422,7 +425,7 @@ def _mixed_row(config: BenchConfig, engine: Engine, model, vocab: int, bandwidth
     sequential: list[list[EngineRun]] = []
     identical = True
     for repeat in range(config.repeats):
-        prompts = _prompts(config, len(ks), vocab, offset=100 + repeat)
+        prompts = random_prompts(config, len(ks), vocab, offset=100 + repeat)
         for together in (True, False) if repeat % 2 == 0 else (False, True):
             if together:
                 note(f"mixed-k batch {ks} repeat {repeat + 1}")
@@ -434,7 +437,9 @@ def _mixed_row(config: BenchConfig, engine: Engine, model, vocab: int, bandwidth
                 )
         identical &= batched[-1].outputs == [run.outputs[0] for run in sequential[-1]]
     note("mixed-k batch: counting the experts each step reads")
-    distinct = distinct_experts_per_step(engine, _prompts(config, len(ks), vocab, offset=100), ks, config.new_tokens)
+    distinct = distinct_experts_per_step(
+        engine, random_prompts(config, len(ks), vocab, offset=100), ks, config.new_tokens
+    )
     tokens = len(ks) * config.new_tokens
     decode_tokens = len(ks) * (config.new_tokens - 1)  # the first token of each request comes from its prefill
     batched_decode = _median([run.decode_s for run in batched])
