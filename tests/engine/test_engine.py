@@ -124,14 +124,22 @@ def test_engine_runs_the_sparse_experts_and_restores_the_models_own_setting_when
     assert model.config._experts_implementation == "eager" and phds.get_k(model) == 4
 
 
-def test_compile_is_ignored_with_a_warning_on_cpu(caplog):
+def test_compile_compiles_only_the_decode_forward_and_warns_on_cpu(monkeypatch, caplog):
+    compiled = []
+
+    def fake_compile(function, **kwargs):  # a real compile takes minutes on CPU (benchmarks/bench_compile.py)
+        compiled.append(kwargs)
+        return lambda **inputs: (compiled.append(inputs["input_ids"].shape), function(**inputs))[1]
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
     model = phds.tiny_model("olmoe")
     with caplog.at_level("WARNING", logger="phds.engine.engine"):
         engine = Engine(model, compile=True)
-    assert "compile=True is ignored" in caplog.text
-    assert engine.generate([PROMPTS[1]], 2, SamplingParams(max_new_tokens=4)) == Engine(model).generate(
-        [PROMPTS[1]], 2, SamplingParams(max_new_tokens=4)
-    )
+    assert "measured slower" in caplog.text
+    out = engine.generate([PROMPTS[1]], 2, SamplingParams(max_new_tokens=4))
+    assert out == Engine(model).generate([PROMPTS[1]], 2, SamplingParams(max_new_tokens=4))
+    assert compiled[0] == {"dynamic": True}
+    assert compiled[1:] == [torch.Size([1, 1])] * 3  # the 3 decode steps; the prefill ran uncompiled
 
 
 def test_generate_checks_every_prompt_before_queueing_any():

@@ -73,8 +73,9 @@ class Engine:
         tokenizer: optional; only its eos id is read.
         max_batch_size: rows decoded together.
         max_seq_len: prompt + new tokens per request (default: the model's `max_position_embeddings`).
-        compile: compile the one-token decode forward with torch.compile on CUDA (ignored with a warning on CPU,
-            where it was measured slower).
+        compile: compile the one-token decode forward with `torch.compile(dynamic=True)` (gpt-fast's split:
+            prefill shapes vary too much). On CPU it was measured slower than eager (`benchmarks/bench_compile.py`),
+            so it warns there; on CUDA it is untested (no GPU in this project's CI).
 
     Example: `Engine(model).generate([[1, 5, 6]], ks=2, params=SamplingParams(max_new_tokens=8))`.
     """
@@ -97,12 +98,13 @@ class Engine:
         self.compile = bool(compile)
         self.device = next(model.parameters()).device
         self._decode_forward = model.forward
-        if self.compile and self.device.type == "cuda":
-            # Only the one-token decode forward is compiled (gpt-fast's split); prefill shapes vary too much.
+        if self.compile:
+            if self.device.type == "cpu":
+                logger.warning(
+                    "compile=True on CPU: compiling takes minutes and was measured slower than eager decode "
+                    "(benchmarks/bench_compile.py)"
+                )
             self._decode_forward = torch.compile(model.forward, dynamic=True)
-        elif self.compile:
-            # Measured on CPU (docs/performance.md): 333 s to compile the decoder layers and a slower decode step.
-            logger.warning("compile=True is ignored on %s: torch.compile made CPU decode slower", self.device.type)
         self.layers = dial.moe_layers(model)
         self.max_k = min(layer.num_experts for layer in self.layers)
         self.eos_ids = _eos_ids(model, tokenizer)
