@@ -12,6 +12,7 @@ steps.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import numbers
 from collections import deque
@@ -97,6 +98,8 @@ class Engine:
         self.max_seq_len = max_seq_len
         self.compile = bool(compile)
         self.device = next(model.parameters()).device
+        # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name warns until 5.40).
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self._decode_forward = model.forward
         if self.compile:
             if self.device.type == "cpu":
@@ -249,9 +252,9 @@ class Engine:
                 input_ids=input_ids_BQ,
                 attention_mask=masks,
                 position_ids=positions_BQ,
-                past_key_values=self.cache,
                 use_cache=True,
                 logits_to_keep=last_B1,
+                **{self._cache_kwarg: self.cache},
             )
         return out.logits[:, 0]
 
