@@ -7,9 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
+import phds
 from phds.cli import app
+from phds.engine import benchmark
 from phds.engine.benchmark import BenchConfig, batch_floor_seconds, bench, build_model, floor_seconds
 
 
@@ -41,6 +44,24 @@ def test_bench_reports_decode_prefill_mixed_and_train_with_identical_mixed_outpu
     separators = [line for line in markdown.splitlines() if line.startswith("|---|")]
     assert len(separators) == 4  # decode, prefill, mixed and training tables
     assert "| decode |" in markdown and "| 4 | 2 |" in markdown
+
+
+def test_bench_compile_compiles_each_shape_untimed_before_timing_it(monkeypatch):
+    calls = []
+
+    def fake_compile(function, **kwargs):  # a real compile costs ~15 s per shape (test_engine.py runs one)
+        return lambda **inputs: (calls.append(phds.get_k(model)), function(**inputs))[1]
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model = build_model(BenchConfig(tiny_config="olmoe:num_experts=8"))
+    monkeypatch.setattr(benchmark, "build_model", lambda config: model)
+    config = BenchConfig(ks=[2], prompt_len=4, new_tokens=3, repeats=1, stock=["grouped_mm"], compile=True)
+    results = bench(config)
+    assert results["compile_s"] > 0 and results["mixed"]["compile_s"] > 0
+    assert "engine compiled" in benchmark.run_summary(results)
+    assert results["mixed"]["outputs_identical"] is True
+    # warm-up (2 steps) then the timed run (2 steps) at k=2, then the mixed row's warm-ups: the batch, each k alone
+    assert calls[:4] == [2] * 4 and len(calls) > 4
 
 
 def _render_markdown():

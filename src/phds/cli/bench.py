@@ -35,6 +35,7 @@ def bench(
     train_batch: int = typer.Option(4, help="Training step batch size."),
     train_seq: int = typer.Option(128, help="Training step sequence length."),
     threads: int | None = typer.Option(None, help="torch threads (default: torch's)."),
+    compile: bool = typer.Option(False, help="torch.compile the engine's decode step (compiled before timing)."),
     json_out: Path | None = typer.Option(None, "--json", help="Write every figure to this JSON file."),  # noqa: B008
 ) -> None:
     """Time decode (ms/token), prefill (tokens/s) and optionally training per k, engine vs stock, with the
@@ -58,6 +59,7 @@ def bench(
             train_batch=train_batch,
             train_seq=train_seq,
             threads=threads,
+            compile=compile,
         )
         with Progress(
             SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True

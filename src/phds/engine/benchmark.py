@@ -66,6 +66,8 @@ class BenchConfig:
         mixed: also run the mixed-k batch row.
         train: also time a training step (`train_batch` x `train_seq`) per k.
         threads: torch threads (None keeps torch's default).
+        compile: `torch.compile` the engine's decode step (`Engine(compile=True)`); each k and batch shape compiles
+            in an untimed warm-up run before it is timed (`compile_s` in the results).
         seed: prompts and the random model.
     """
 
@@ -83,6 +85,7 @@ class BenchConfig:
     train_batch: int = 4
     train_seq: int = 128
     threads: int | None = None
+    compile: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -314,7 +317,7 @@ def bench(config: BenchConfig, progress: Callable[[str], None] | None = None) ->
     max_batch = max(config.batches + ([8] if config.mixed else []))
     max_len = config.prompt_len + config.new_tokens + 1
     model.set_experts_implementation(IMPLEMENTATION)
-    engine = Engine(model, max_batch_size=max_batch, max_seq_len=max_len)
+    engine = Engine(model, max_batch_size=max_batch, max_seq_len=max_len, compile=config.compile)
     results: dict = {
         "config": asdict(config),
         "model": {
@@ -326,6 +329,7 @@ def bench(config: BenchConfig, progress: Callable[[str], None] | None = None) ->
             "layers": model.config.num_hidden_layers,
         },
         "machine": {"threads": torch.get_num_threads(), "bandwidth_GBps": bandwidth / 1e9},
+        "compile_s": 0.0,
         "decode": [],
         "prefill": [],
         "mixed": None,
@@ -341,6 +345,7 @@ def bench(config: BenchConfig, progress: Callable[[str], None] | None = None) ->
                 "engine_s": [],
                 "stock_s": {s: [] for s in config.stock},
             }
+            results["compile_s"] += _warm_up(engine, random_prompts(config, batch, vocab), [k] * batch, note)
             for repeat in range(config.repeats):
                 prompts = random_prompts(config, batch, vocab, offset=repeat)
                 # Odd repeats run the contenders in reverse order, so running first or last is no advantage.
@@ -360,6 +365,7 @@ def bench(config: BenchConfig, progress: Callable[[str], None] | None = None) ->
             results["prefill"].append(_summarise_prefill(prefill))
     if config.mixed:
         results["mixed"] = _mixed_row(config, engine, model, vocab, bandwidth, note)
+        results["compile_s"] += results["mixed"]["compile_s"]
     if config.train:
         for k in config.ks:
             note(f"training step k={k}")
@@ -414,6 +420,16 @@ def _summarise_prefill(prefill: dict) -> dict:
     }
 
 
+def _warm_up(engine: Engine, prompts_BS: torch.Tensor, ks: list[int], note) -> float:
+    """With `compile`, run the rows once untimed so their decode graph is compiled; returns the seconds it took."""
+    if not engine.compile:
+        return 0.0
+    note(f"compiling the decode step for k={ks}")
+    start = time.perf_counter()
+    engine_decode(engine, prompts_BS, ks, 3)
+    return time.perf_counter() - start
+
+
 def _mixed_row(config: BenchConfig, engine: Engine, model, vocab: int, bandwidth: float, note) -> dict:
     """Requests at k = 1, 1, 2, 2, 4, 4, 8, 8 as one batch against the same requests one after another. Decode
     throughput (the steps after the prefill) is the issue's figure; end to end includes the prefills, which batching
@@ -424,6 +440,8 @@ def _mixed_row(config: BenchConfig, engine: Engine, model, vocab: int, bandwidth
     batched: list[EngineRun] = []
     sequential: list[list[EngineRun]] = []
     identical = True
+    compile_s = _warm_up(engine, random_prompts(config, len(ks), vocab), ks, note)
+    compile_s += sum(_warm_up(engine, random_prompts(config, 1, vocab), [k], note) for k in sorted(set(ks)))
     for repeat in range(config.repeats):
         prompts = random_prompts(config, len(ks), vocab, offset=100 + repeat)
         for together in (True, False) if repeat % 2 == 0 else (False, True):
@@ -437,8 +455,10 @@ def _mixed_row(config: BenchConfig, engine: Engine, model, vocab: int, bandwidth
                 )
         identical &= batched[-1].outputs == [run.outputs[0] for run in sequential[-1]]
     note("mixed-k batch: counting the experts each step reads")
+    # Counting hooks on a compiled model would recompile it: count on an eager engine (same outputs, tested).
+    counting = Engine(model, max_batch_size=len(ks), max_seq_len=engine.max_seq_len) if engine.compile else engine
     distinct = distinct_experts_per_step(
-        engine, random_prompts(config, len(ks), vocab, offset=100), ks, config.new_tokens
+        counting, random_prompts(config, len(ks), vocab, offset=100), ks, config.new_tokens
     )
     tokens = len(ks) * config.new_tokens
     decode_tokens = len(ks) * (config.new_tokens - 1)  # the first token of each request comes from its prefill
@@ -461,6 +481,7 @@ def _mixed_row(config: BenchConfig, engine: Engine, model, vocab: int, bandwidth
         "distinct_experts_per_step": distinct,
         "floor_bound": sequential_floor / batch_floor,
         "outputs_identical": identical,
+        "compile_s": compile_s,
     }
 
 
@@ -578,4 +599,9 @@ def run_summary(results: dict) -> str:
         f"{info['class']} {info['parameters'] / 1e6:.0f}M params {info['dtype']}, {info['num_experts']} experts, "
         f"k_pre {info['k_pre']}; {machine['threads']} torch threads, measured read bandwidth "
         f"{machine['bandwidth_GBps']:.1f} GB/s"
+        + (
+            f"; engine compiled (warm-up {results['compile_s']:.0f} s, untimed)"
+            if results["config"].get("compile")
+            else ""
+        )
     )

@@ -22,11 +22,13 @@ import torch
 
 from phds import dial
 from phds.engine.cache import SlotCache, attention_masks
-from phds.engine.experts import IMPLEMENTATION
+from phds.engine.experts import IMPLEMENTATION, prepare_compile
 from phds.engine.matvec import matvec_linears
 from phds.engine.sampling import SamplingParams, choose_tokens, make_generator
 
 logger = logging.getLogger(__name__)
+
+_RECOMPILE_LIMIT = 64
 
 
 @dataclass(kw_only=True)
@@ -76,8 +78,10 @@ class Engine:
         max_batch_size: rows decoded together.
         max_seq_len: prompt + new tokens per request (default: the model's `max_position_embeddings`).
         compile: compile the one-token decode forward with `torch.compile(dynamic=True)` (gpt-fast's split:
-            prefill shapes vary too much). On CPU it was measured slower than eager (`benchmarks/bench_compile.py`),
-            so it warns there; on CUDA it is untested (no GPU in this project's CI).
+            prefill shapes vary too much). Each k and batch shape compiles once, about 15 s on a 2-core CPU; then a
+            step of issue 7's model is 1.1-1.3x faster there (`benchmarks/bench_compile.py`). The sparse experts
+            run inside the graph as one opaque op (`experts.prepare_compile`). CUDA graphs are not used, and
+            compiling on CUDA is untested (no GPU in this project's CI).
 
     Example: `Engine(model).generate([[1, 5, 6]], ks=2, params=SamplingParams(max_new_tokens=8))`.
     """
@@ -103,12 +107,13 @@ class Engine:
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self._decode_forward = model.forward
         if self.compile:
-            if self.device.type == "cpu":
-                logger.warning(
-                    "compile=True on CPU: compiling takes minutes and was measured slower than eager decode "
-                    "(benchmarks/bench_compile.py)"
-                )
-            self._decode_forward = torch.compile(model.forward, dynamic=True)
+            logger.info("compile=True: the first decode step at each k and batch shape compiles (~15 s on CPU)")
+            prepare_compile(model)
+            # Every k the rows use and every batch-shape class is a graph of its own (the dial's k is a static
+            # integer of each router); torch's default limit of 8 would silently fall back to eager.
+            self._decode_forward = torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT)(
+                torch.compile(model.forward, dynamic=True)
+            )
         self.layers = dial.moe_layers(model)
         self.max_k = min(layer.num_experts for layer in self.layers)
         self.eos_ids = _eos_ids(model, tokenizer)

@@ -19,6 +19,8 @@ Registered in transformers' experts interface when `phds.engine` is imported:
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from transformers.integrations import moe as hf_moe
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
@@ -97,6 +99,38 @@ def _few_tokens(experts, hidden_TD: torch.Tensor, expert_TK: torch.Tensor, weigh
     return out_TD
 
 
+# Experts modules the compiled few-token op can reach, by id (a custom op takes tensors and numbers, not modules).
+_EXPERTS_BY_ID: weakref.WeakValueDictionary[int, torch.nn.Module] = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("phds::sparse_experts", mutates_args=())
+def _sparse_experts_op(
+    hidden_TD: torch.Tensor, expert_TK: torch.Tensor, weights_TK: torch.Tensor, experts_id: int
+) -> torch.Tensor:
+    """The inference forward as one opaque op for `torch.compile`: traced, its choice of experts would break the
+    graph (`nonzero`) or specialise it on the routing it reads (a recompile per set of chosen experts)."""
+    experts = _EXPERTS_BY_ID.get(experts_id)
+    if experts is None:
+        raise RuntimeError("compiling a model with the phds experts: call `prepare_compile(model)` first")
+    return phds_experts_forward(experts, hidden_TD, expert_TK, weights_TK)
+
+
+@_sparse_experts_op.register_fake
+def _(hidden_TD, expert_TK, weights_TK, experts_id):
+    return torch.empty_like(hidden_TD)
+
+
+def prepare_compile(model: torch.nn.Module) -> None:
+    """Let `torch.compile` trace an inference forward of `model` with the "phds" experts as one graph: the experts
+    become an opaque op that finds its module by id.
+
+    Example: `prepare_compile(model); step = torch.compile(model.forward, dynamic=True)`.
+    """
+    for module in model.modules():
+        if hasattr(module, "_is_expert_parallel") and hasattr(module, "is_concatenated"):  # transformers' interface
+            _EXPERTS_BY_ID[id(module)] = module
+
+
 def _few_tokens_is_faster(num_tokens: int, num_slots: int, num_experts: int) -> bool:
     # Measured on the issue's model (64 experts, 2 threads): per-expert calls win for one token at any k and for
     # 8 tokens at k=1 (19.4 vs 20.8 ms a step), tie at k=2 and lose at k=4 (44.1 vs 40.8 ms), where most experts
@@ -119,6 +153,9 @@ def phds_experts_forward(
     num_slots = top_k_index.shape[-1]
     weights_TK = top_k_weights.reshape(num_tokens, num_slots)
     grad = torch.is_grad_enabled() and (hidden_states.requires_grad or top_k_weights.requires_grad)
+    if not grad and torch.compiler.is_compiling():
+        expert_TK = top_k_index.reshape(num_tokens, num_slots)
+        return torch.ops.phds.sparse_experts(hidden_states, expert_TK, weights_TK, id(self))
     if not grad and not self._is_expert_parallel and _few_tokens_is_faster(num_tokens, num_slots, self.num_experts):
         return _few_tokens(self, hidden_states, top_k_index.reshape(num_tokens, num_slots), weights_TK)
     with torch.no_grad():
