@@ -9,7 +9,7 @@ import torch
 
 import phds
 from phds.engine import Engine, Request, SamplingParams
-from phds.engine.matvec import MatvecLinear
+from phds.engine.decode_linear import DecodeLinear
 
 PROMPTS = [[1, 5, 9, 20, 33], [1, 40, 41], [1, 7, 7, 7, 8, 9, 10, 11], [1, 60]]
 
@@ -122,7 +122,7 @@ def test_engine_runs_the_sparse_experts_and_restores_the_models_own_setting_when
     engine.add(Request(request_id="r", prompt_ids=[1, 5], k=2, params=SamplingParams(max_new_tokens=3)))
     engine.step()
     assert model.config._experts_implementation == "phds" and phds.get_k(model) == 2
-    assert type(model.lm_head) is MatvecLinear  # one-row decode matmuls at memory bandwidth (engine/matvec.py)
+    assert type(model.lm_head) is DecodeLinear  # one-row decode matmuls at memory bandwidth (engine/decode_linear.py)
     while engine.has_work():
         engine.step()
     assert model.config._experts_implementation == "eager" and phds.get_k(model) == 4

@@ -22,8 +22,8 @@ import torch
 
 from phds import dial
 from phds.engine.cache import SlotCache, attention_masks
+from phds.engine.decode_linear import decode_linears
 from phds.engine.experts import IMPLEMENTATION, prepare_compile
-from phds.engine.matvec import matvec_linears
 from phds.engine.sampling import SamplingParams, choose_tokens, make_generator
 
 logger = logging.getLogger(__name__)
@@ -274,7 +274,7 @@ class Engine:
         k = ks[0] if len(set(ks)) == 1 else torch.tensor(ks, device=self.device)
         self._dial_stack.enter_context(dial.sparsity(self.model, k))
         self._dial_stack.enter_context(_experts_implementation(self.model, IMPLEMENTATION))
-        self._dial_stack.enter_context(matvec_linears(self.model))
+        self._dial_stack.enter_context(decode_linears(self.model))
         self._dialled = ks
 
     def _release_dial(self) -> None:

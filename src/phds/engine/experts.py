@@ -25,7 +25,7 @@ import torch
 from transformers.integrations import moe as hf_moe
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
-from phds.engine import matvec
+from phds.engine import decode_linear
 
 IMPLEMENTATION = "phds"
 
@@ -66,11 +66,11 @@ def _pairs_grouped(experts, x_SD, expert_S, num_experts: int) -> torch.Tensor:
 def _expert_mlp(experts, x_nD: torch.Tensor, e: int) -> torch.Tensor:
     """Expert `e` applied to a few rows (no gather of its weights: a view of the stacked parameter)."""
     up_weight, up_bias = _up_weights(experts)
-    up = x_nD @ up_weight[e] if experts.is_transposed else matvec.linear(x_nD, up_weight[e])
+    up = x_nD @ up_weight[e] if experts.is_transposed else decode_linear.linear(x_nD, up_weight[e])
     if up_bias is not None:
         up = up + up_bias[e]
     h = _activate(experts, up)
-    out = h @ experts.down_proj[e] if experts.is_transposed else matvec.linear(h, experts.down_proj[e])
+    out = h @ experts.down_proj[e] if experts.is_transposed else decode_linear.linear(h, experts.down_proj[e])
     if experts.has_bias:
         out = out + experts.down_proj_bias[e]
     if experts.has_post_expert_norm:

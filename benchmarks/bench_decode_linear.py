@@ -1,11 +1,11 @@
-"""One-row linear layers: torch's `F.linear` (a single-threaded gemv on CPU) against `phds.engine.matvec.linear`
-(a blocked batched matmul), on the weight shapes of issue 7's model, alternating in one run.
+"""Decode-sized linear layers: torch's `F.linear` against `phds.engine.decode_linear.linear` (a blocked batched
+matmul) for 1, 8 and 64 input rows, on the weight shapes of issue 7's model, alternating in one run.
 
 Each shape cycles through enough distinct weights (256 MB) that every call reads its weight from memory, as a
 decode step does. Prints microseconds per call, GB/s and the ratio, next to the read bandwidth of summing a large
 tensor (what `phds bench`'s floor uses).
 
-Run: `python benchmarks/bench_matvec.py [--threads 2]`.
+Run: `python benchmarks/bench_decode_linear.py [--threads 2]`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from phds.engine import matvec
+from phds.engine import decode_linear
 from phds.engine.benchmark import measure_bandwidth
 
 SHAPES = {  # (out, in) of issue 7's model: hidden 512, expert intermediate 512, vocabulary 8192
@@ -46,18 +46,19 @@ if __name__ == "__main__":
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"{torch.get_num_threads()} torch threads; summing 512 MB reads {measure_bandwidth() / 1e9:.1f} GB/s")
-    print(f"{'weight':22} {'F.linear us':>12} {'GB/s':>6} {'matvec us':>10} {'GB/s':>6} {'speedup':>8}")
+    print(f"{'weight':22} {'rows':>4} {'F.linear us':>12} {'GB/s':>6} {'blocked us':>11} {'GB/s':>6} {'speedup':>8}")
     with torch.no_grad():
-        for name, (out_dim, in_dim) in SHAPES.items():
-            weights = [torch.randn(out_dim, in_dim) for _ in range(max(8, 2**26 // (out_dim * in_dim)))]
-            x = torch.randn(1, in_dim)
-            times = {F.linear: [], matvec.linear: []}
-            for repeat in range(args.repeats):
-                for function in list(times) if repeat % 2 == 0 else list(times)[::-1]:
-                    times[function].append(seconds_per_call(function, weights, x, args.calls))
-            stock, ours = (statistics.median(times[function]) for function in times)
-            size = out_dim * in_dim * 4
-            print(
-                f"{name:22} {stock * 1e6:12.1f} {size / stock / 1e9:6.1f} {ours * 1e6:10.1f} {size / ours / 1e9:6.1f}"
-                f" {stock / ours:7.2f}x"
-            )
+        for rows in (1, 8, 64):
+            for name, (out_dim, in_dim) in SHAPES.items():
+                weights = [torch.randn(out_dim, in_dim) for _ in range(max(8, 2**26 // (out_dim * in_dim)))]
+                x = torch.randn(rows, in_dim)
+                times = {F.linear: [], decode_linear.linear: []}
+                for repeat in range(args.repeats):
+                    for function in list(times) if repeat % 2 == 0 else list(times)[::-1]:
+                        times[function].append(seconds_per_call(function, weights, x, args.calls))
+                stock, ours = (statistics.median(times[function]) for function in times)
+                size = out_dim * in_dim * 4
+                print(
+                    f"{name:22} {rows:4} {stock * 1e6:12.1f} {size / stock / 1e9:6.1f} {ours * 1e6:11.1f}"
+                    f" {size / ours / 1e9:6.1f} {stock / ours:7.2f}x"
+                )
