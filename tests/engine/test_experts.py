@@ -98,11 +98,12 @@ def test_few_tokens_decode_path_matches_eager(monkeypatch, arch, k, input_ids):
     assert calls and all(t == input_ids.numel() for t in calls)
 
 
-def test_speed_rule_sends_decode_batches_to_per_expert_calls_and_prefill_to_grouped():
+def test_speed_rule_sends_decode_batches_to_per_expert_calls_and_long_prefills_to_grouped():
     assert experts_module._few_tokens_is_faster(1, 8, 64)
-    assert experts_module._few_tokens_is_faster(8, 1, 64)  # a batch of 8 at k=1
-    assert not experts_module._few_tokens_is_faster(8, 8, 64)  # a batch of 8 at k=8: most experts are hit
-    assert not experts_module._few_tokens_is_faster(64, 1, 64)  # prefill
+    assert experts_module._few_tokens_is_faster(8, 8, 64)  # a decode batch of 8 at k=8
+    assert experts_module._few_tokens_is_faster(64, 1, 64)  # a short prompt at k=1: 64 pairs
+    assert not experts_module._few_tokens_is_faster(64, 8, 64)  # 512 pairs: 8 rows per expert
+    assert not experts_module._few_tokens_is_faster(512, 1, 64)
 
 
 def test_epsilon_slots_are_computed_like_eager(input_ids):

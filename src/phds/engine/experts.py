@@ -9,9 +9,11 @@ them before any matmul, so a row at k=1 in a k_max=8 batch costs one expert, not
 weight (the dial's "faithful" mode) are non-zero and are computed.
 
 Kept pairs are sorted by expert and run as one grouped matmul over the stacked weights (no weight copy, no Python
-loop over experts), with autograd, so training at a low k is proportionally cheaper too. At decode (a few tokens,
-no autograd) each hit expert simply runs on its tokens: fewer ops than the grouped kernel's bookkeeping, which
-visits every expert (measured: 155 us vs 388 us per layer for one token at k=1 on the issue's model).
+loop over experts), with autograd, so training at a low k is proportionally cheaper too. Without autograd and with
+at most ~4 pairs per expert (decode batches, short prompts at a low k), each hit expert simply runs on its tokens
+through `decode_linear` (a bandwidth-bound small matmul): fewer ops than the grouped kernel's bookkeeping, which
+visits every expert, and a faster kernel than its per-expert matmuls (1.3-3.2x per layer, see
+`_few_tokens_is_faster`). Under `torch.compile` the inference path is one opaque op (`prepare_compile`).
 
 Registered in transformers' experts interface when `phds.engine` is imported:
 `model.set_experts_implementation("phds")` or `phds.load(..., experts_implementation="phds")`.
@@ -79,7 +81,7 @@ def _expert_mlp(experts, x_nD: torch.Tensor, e: int) -> torch.Tensor:
 
 
 def _few_tokens(experts, hidden_TD: torch.Tensor, expert_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-    """Decode (a few tokens, no autograd): run each hit expert once on its tokens and add it in, weighted. About
+    """Few pairs per expert, no autograd: run each hit expert once on its tokens and add it in, weighted. About
     six tensor ops per hit expert and none per dropped slot or idle expert, where the grouped kernel visits every
     expert and its sort/scatter bookkeeping costs more than a k=1 expert itself."""
     tokens_by_expert: dict[int, list[tuple[int, float]]] = {}
@@ -132,10 +134,10 @@ def prepare_compile(model: torch.nn.Module) -> None:
 
 
 def _few_tokens_is_faster(num_tokens: int, num_slots: int, num_experts: int) -> bool:
-    # Measured on the issue's model (64 experts, 2 threads): per-expert calls win for one token at any k and for
-    # 8 tokens at k=1 (19.4 vs 20.8 ms a step), tie at k=2 and lose at k=4 (44.1 vs 40.8 ms), where most experts
-    # are hit anyway.
-    return num_tokens == 1 or 4 * num_tokens * num_slots <= num_experts
+    # Measured on one layer of the issue's model (64 experts, 2 threads), per-expert calls through decode_linear
+    # against the grouped kernel: 3.2x faster at 8 tokens x k=1, 1.8x at 8 x 8, 1.3x at 32 x 8 and 128 x 2 (256
+    # pairs, 4 per expert), a tie at 64 x 8 and 0.8x at 128 x 8.
+    return num_tokens * num_slots <= 4 * num_experts
 
 
 def phds_experts_forward(
