@@ -1,12 +1,14 @@
 """Does `torch.compile` help decode on this machine? `Engine(compile=True)` against the eager engine, one run.
 
-`compile=True` compiles the one-token decode forward with `torch.compile(dynamic=True)`. On CPU the point would
-be to fuse the ~1,000 small tensor ops of a transformers decode step (the overhead `bench_overhead.py` measures),
-so the default model is the overhead-only twin of issue 7's model (same 8 layers, 64 experts, heads and vocabulary;
-hidden and expert sizes 64). Reports the time until the compiled engine's first decode step is done (compilation),
-then the median decode ms/token of both engines alternating, and whether their greedy outputs are identical.
+`compile=True` compiles the one-token decode forward with `torch.compile(dynamic=True)`; the sparse experts run
+inside the graph as one opaque op (`phds.engine.experts.prepare_compile`). On CPU the gain is fusing the ~1,000
+small tensor ops of a transformers decode step (the overhead `bench_overhead.py` measures), so the default model
+is the overhead-only twin of issue 7's model (same 8 layers, 64 experts, heads and vocabulary; hidden and expert
+sizes 64); `--model issue7` runs the real one. Reports the time until the compiled engine's first decode steps
+are done (compilation), then the median decode ms/token of both engines alternating, and whether their greedy
+outputs are identical.
 
-Run: `python benchmarks/bench_compile.py [--model issue7] [--threads 2]` (compiling takes several minutes).
+Run: `python benchmarks/bench_compile.py [--model issue7] [--k 1] [--threads 2]` (compiling takes ~15 s per k).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from phds.engine.benchmark import PRESETS, BenchConfig, build_model, engine_deco
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["overhead-only", "issue7"], default="overhead-only")
-    parser.add_argument("--k", type=int, default=1)
+    parser.add_argument("--k", default="1", help="experts per token, e.g. 1,8")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
@@ -39,21 +41,22 @@ if __name__ == "__main__":
         "eager": Engine(model, max_batch_size=1, max_seq_len=128),
         "compiled": Engine(model, max_batch_size=1, max_seq_len=128, compile=True),
     }
-    prompts = random_prompts(config, 1, model.config.vocab_size)
-    start = time.perf_counter()
-    engine_decode(engines["compiled"], prompts, [args.k], 3)
-    print(f"{torch.get_num_threads()} torch threads, {args.model} model, k={args.k}")
-    print(f"compiling (until the first decode steps are done): {time.perf_counter() - start:.0f} s")
-    steps = {name: [] for name in engines}
-    outputs = {name: [] for name in engines}
-    for repeat in range(args.repeats):
-        prompts = random_prompts(config, 1, model.config.vocab_size, offset=repeat)
-        for name in list(engines) if repeat % 2 == 0 else list(engines)[::-1]:
-            run = engine_decode(engines[name], prompts, [args.k], config.new_tokens)
-            steps[name].append(run.step_s * 1e3)
-            outputs[name].append(run.outputs)
-    eager, compiled = (statistics.median(steps[name]) for name in engines)
-    print(
-        f"decode ms/token: eager engine {eager:.2f}, compiled engine {compiled:.2f}; compiled is {eager / compiled:.2f}x"
-    )
-    print(f"greedy outputs identical: {outputs['eager'] == outputs['compiled']}")
+    print(f"{torch.get_num_threads()} torch threads, {args.model} model")
+    for k in (int(part) for part in args.k.split(",")):
+        start = time.perf_counter()
+        engine_decode(engines["compiled"], random_prompts(config, 1, model.config.vocab_size), [k], 3)
+        compile_s = time.perf_counter() - start
+        steps = {name: [] for name in engines}
+        outputs = {name: [] for name in engines}
+        for repeat in range(args.repeats):
+            prompts = random_prompts(config, 1, model.config.vocab_size, offset=repeat)
+            for name in list(engines) if repeat % 2 == 0 else list(engines)[::-1]:
+                run = engine_decode(engines[name], prompts, [k], config.new_tokens)
+                steps[name].append(run.step_s * 1e3)
+                outputs[name].append(run.outputs)
+        eager, compiled = (statistics.median(steps[name]) for name in engines)
+        print(
+            f"k={k}: compiling {compile_s:.0f} s; decode ms/token: eager engine {eager:.2f}, compiled engine"
+            f" {compiled:.2f}; compiled is {eager / compiled:.2f}x; greedy outputs identical:"
+            f" {outputs['eager'] == outputs['compiled']}"
+        )
