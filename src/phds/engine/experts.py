@@ -177,7 +177,7 @@ def phds_experts_forward(
     y_SD = y_SD * weights_TK.reshape(-1)[slot_S].unsqueeze(-1).to(y_SD.dtype)
     # Scatter into a (T*K, D) buffer and sum over K: deterministic, and unlike `index_add` (which the eager
     # experts use) it has no parallel path that stalls for milliseconds when the other cores are busy.
-    slots_SD = hidden_states.new_zeros(num_tokens * num_slots, hidden_dim).index_copy(
+    slots_SD = hidden_states.new_zeros(num_tokens * num_slots, hidden_dim).index_copy_(
         0, slot_S, y_SD.to(hidden_states.dtype)
     )
     return slots_SD.view(num_tokens, num_slots, hidden_dim).sum(dim=1)
