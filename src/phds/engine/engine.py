@@ -4,9 +4,9 @@ Shape suffixes: B rows, S sequence, V vocabulary.
 
 `step()` admits waiting requests into free rows (prefill), then runs one decode step for every running row.
 Rows join and leave between steps; the server drives the engine from one background thread (not thread-safe).
-While rows are running the model's dial (one k per row) and its experts implementation (the sparse "phds" path)
-belong to the engine; both are restored when the engine goes idle, so do not run the same model elsewhere between
-steps.
+While rows are running the model's dial (one k per row), its experts implementation (the sparse "phds" path) and
+its `nn.Linear` classes (`decode_linear.DecodeLinear`) belong to the engine; all are restored when the engine goes
+idle, so do not run the same model elsewhere between steps.
 """
 
 from __future__ import annotations
@@ -78,8 +78,8 @@ class Engine:
         max_batch_size: rows decoded together.
         max_seq_len: prompt + new tokens per request (default: the model's `max_position_embeddings`).
         compile: compile the one-token decode forward with `torch.compile(dynamic=True)` (gpt-fast's split:
-            prefill shapes vary too much). Each k and batch shape compiles once, about 15 s on a 2-core CPU; then a
-            step of issue 7's model is 1.1-1.3x faster there (`benchmarks/bench_compile.py`). The sparse experts
+            prefill shapes vary too much). Each k and batch shape compiles once, 8-15 s on a 2-core CPU; then a
+            step of issue 7's model is 1.1-1.35x faster there (`benchmarks/bench_compile.py`). The sparse experts
             run inside the graph as one opaque op (`experts.prepare_compile`). CUDA graphs are not used, and
             compiling on CUDA is untested (no GPU in this project's CI).
 

@@ -101,7 +101,7 @@ def _few_tokens(experts, hidden_TD: torch.Tensor, expert_TK: torch.Tensor, weigh
     return out_TD
 
 
-# Experts modules the compiled few-token op can reach, by id (a custom op takes tensors and numbers, not modules).
+# Experts modules the compiled experts op can reach, by id (a custom op takes tensors and numbers, not modules).
 _EXPERTS_BY_ID: weakref.WeakValueDictionary[int, torch.nn.Module] = weakref.WeakValueDictionary()
 
 
