@@ -46,6 +46,26 @@ def test_single_token_decode_path_matches_eager(arch):
     torch.testing.assert_close(sparse(token).logits, eager(token).logits, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_the_paths_taken_inside_a_compiled_graph_match_eager(monkeypatch, arch, batch):
+    """Run eagerly, as if compiling: one token gathers its experts' weights by index (fused by Inductor when really
+    compiled), more tokens go through the opaque `phds::sparse_experts` op."""
+    eager, sparse = _pair(arch, 2)
+    token = torch.tensor([[5], [9]])[:batch]
+    with torch.no_grad():
+        expected = eager.eval()(token).logits
+    experts_module.prepare_compile(sparse.eval())
+    gathered = experts_module._one_token_gathered
+    calls = []
+    monkeypatch.setattr(experts_module, "_one_token_gathered", lambda *args: calls.append(1) or gathered(*args))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with torch.no_grad():
+        logits = sparse(token).logits
+    monkeypatch.undo()
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
+    assert len(calls) == (len(phds.moe_layers(sparse)) if batch == 1 else 0)
+
+
 @pytest.mark.parametrize("with_grad", [False, True])
 def test_zero_weight_slots_are_never_computed(monkeypatch, with_grad):
     model = phds.tiny_model("olmoe", num_experts_per_tok=4)

@@ -101,6 +101,32 @@ def _few_tokens(experts, hidden_TD: torch.Tensor, expert_TK: torch.Tensor, weigh
     return out_TD
 
 
+def _gathered_matvec(weight_KOI: torch.Tensor, x_nI: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """Row k of the result is weight k times x's row k (or its only row): (K, O, I) x (K or 1, I) -> (K, O); for
+    transposed weights (K, I, O)."""
+    if transposed:
+        return (weight_KOI * x_nI[:, :, None]).sum(dim=1)
+    return (weight_KOI * x_nI[:, None, :]).sum(dim=-1)
+
+
+def _one_token_gathered(experts, x_1D: torch.Tensor, expert_K: torch.Tensor, weight_K: torch.Tensor) -> torch.Tensor:
+    """One token under `torch.compile`: gather the chosen experts' weights by index (gpt-fast's MoE layer) and
+    multiply-and-sum, which Inductor fuses into one pass over those weights (no copy of them, no Python per expert):
+    0.61x the time of the per-expert calls at k=1 and 0.67x at k=8 on the issue's model. Every slot is computed;
+    at one token the dial's k is the router's top-k, so no slot weighs 0 unless the model is dialled per row."""
+    up_weight, up_bias = _up_weights(experts)
+    up_KX = _gathered_matvec(up_weight[expert_K], x_1D, experts.is_transposed)
+    if up_bias is not None:
+        up_KX = up_KX + up_bias[expert_K]
+    h_KI = _activate(experts, up_KX)
+    out_KD = _gathered_matvec(experts.down_proj[expert_K], h_KI, experts.is_transposed)
+    if experts.has_bias:
+        out_KD = out_KD + experts.down_proj_bias[expert_K]
+    if experts.has_post_expert_norm:
+        out_KD = experts.post_expert_norm(out_KD)
+    return (out_KD * weight_K[:, None].to(out_KD.dtype)).sum(dim=0, keepdim=True).to(x_1D.dtype)
+
+
 # Experts modules the compiled experts op can reach, by id (a custom op takes tensors and numbers, not modules).
 _EXPERTS_BY_ID: weakref.WeakValueDictionary[int, torch.nn.Module] = weakref.WeakValueDictionary()
 
@@ -114,7 +140,7 @@ def _sparse_experts_op(
     experts = _EXPERTS_BY_ID.get(experts_id)
     if experts is None:
         raise RuntimeError("compiling a model with the phds experts: call `prepare_compile(model)` first")
-    return phds_experts_forward(experts, hidden_TD, expert_TK, weights_TK)
+    return _sparse_forward(experts, hidden_TD, expert_TK, weights_TK, grad=False)
 
 
 @_sparse_experts_op.register_fake
@@ -151,17 +177,27 @@ def phds_experts_forward(
 
     Example: `model.set_experts_implementation("phds")` after `import phds.engine`.
     """
-    num_tokens, hidden_dim = hidden_states.shape
+    num_tokens = hidden_states.shape[0]
     num_slots = top_k_index.shape[-1]
+    expert_TK = top_k_index.reshape(num_tokens, num_slots)
     weights_TK = top_k_weights.reshape(num_tokens, num_slots)
     grad = torch.is_grad_enabled() and (hidden_states.requires_grad or top_k_weights.requires_grad)
     if not grad and torch.compiler.is_compiling():
-        expert_TK = top_k_index.reshape(num_tokens, num_slots)
+        if num_tokens == 1 and not self._is_expert_parallel:
+            return _one_token_gathered(self, hidden_states, expert_TK[0], weights_TK[0])
         return torch.ops.phds.sparse_experts(hidden_states, expert_TK, weights_TK, id(self))
+    return _sparse_forward(self, hidden_states, expert_TK, weights_TK, grad)
+
+
+def _sparse_forward(
+    self, hidden_states: torch.Tensor, expert_TK: torch.Tensor, weights_TK: torch.Tensor, grad: bool
+) -> torch.Tensor:
+    """The kept pairs, per expert for a few pairs without autograd, else through the grouped kernel."""
+    num_tokens, hidden_dim = hidden_states.shape
+    num_slots = expert_TK.shape[-1]
     if not grad and not self._is_expert_parallel and _few_tokens_is_faster(num_tokens, num_slots, self.num_experts):
-        return _few_tokens(self, hidden_states, top_k_index.reshape(num_tokens, num_slots), weights_TK)
+        return _few_tokens(self, hidden_states, expert_TK, weights_TK)
     with torch.no_grad():
-        expert_TK = top_k_index.reshape(num_tokens, num_slots)
         keep_TK = weights_TK != 0
         if self._is_expert_parallel:
             keep_TK &= expert_TK < self.num_experts
