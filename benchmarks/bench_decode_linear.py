@@ -5,7 +5,10 @@ Each shape cycles through enough distinct weights (256 MB) that every call reads
 decode step does. Prints microseconds per call, GB/s and the ratio, next to the read bandwidth of summing a large
 tensor (what `phds bench`'s floor uses).
 
-Run: `python benchmarks/bench_decode_linear.py [--threads 2]`.
+With `--engine`, also the batch-1 engine on issue 7's model with the blocked product on and off (off: every
+linear takes `F.linear`), alternating, per k.
+
+Run: `python benchmarks/bench_decode_linear.py [--threads 2] [--engine]`.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from phds.engine import decode_linear
-from phds.engine.benchmark import measure_bandwidth
+from phds.engine import Engine, decode_linear
+from phds.engine.benchmark import BenchConfig, build_model, engine_decode, measure_bandwidth, random_prompts
 
 SHAPES = {  # (out, in) of issue 7's model: hidden 512, expert intermediate 512, vocabulary 8192
     "attention projection": (512, 512),
@@ -37,11 +40,36 @@ def seconds_per_call(function, weights, x, calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
+def engine_on_off(repeats: int) -> None:
+    model = build_model(BenchConfig(tiny_config="issue7"))
+    engine = Engine(model, max_batch_size=1, max_seq_len=128)
+    config = BenchConfig(prompt_len=64, new_tokens=32)
+    blocks = decode_linear._BLOCKS
+    print("batch-1 engine decode, ms/token: F.linear everywhere vs the blocked product")
+    for k in (1, 2, 4, 8):
+        times: dict[bool, list[float]] = {False: [], True: []}
+        outputs: dict[bool, list] = {False: [], True: []}
+        for repeat in range(repeats):
+            prompts = random_prompts(config, 1, model.config.vocab_size, offset=repeat)
+            for blocked in (False, True) if repeat % 2 == 0 else (True, False):
+                decode_linear._BLOCKS = blocks if blocked else ()
+                run = engine_decode(engine, prompts, [k], config.new_tokens)
+                times[blocked].append(run.step_s * 1e3)
+                outputs[blocked].append(run.outputs)
+        decode_linear._BLOCKS = blocks
+        stock, ours = statistics.median(times[False]), statistics.median(times[True])
+        print(
+            f"k={k}: F.linear {stock:.2f}, blocked {ours:.2f}, speed-up {stock / ours:.2f}x, "
+            f"greedy outputs identical: {outputs[False] == outputs[True]}"
+        )
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--calls", type=int, default=400)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--engine", action="store_true", help="also A/B the batch-1 engine on issue 7's model")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -62,3 +90,5 @@ if __name__ == "__main__":
                     f"{name:22} {rows:4} {stock * 1e6:12.1f} {size / stock / 1e9:6.1f} {ours * 1e6:11.1f}"
                     f" {size / ours / 1e9:6.1f} {stock / ours:7.2f}x"
                 )
+    if args.engine:
+        engine_on_off(args.repeats)
