@@ -1,14 +1,14 @@
 """Does `torch.compile` help decode on this machine? `Engine(compile=True)` against the eager engine, one run.
 
-`compile=True` compiles the one-token decode forward with `torch.compile(dynamic=True)`; the sparse experts run
-inside the graph as one opaque op (`phds.engine.experts.prepare_compile`). On CPU the gain is fusing the ~1,000
+`compile=True` compiles the one-token decode forward with `torch.compile(dynamic=True)`; one token's experts are
+gathered by index inside the graph, a batch's run as one opaque op (`phds.engine.experts.prepare_compile`). On CPU the gain is fusing the ~1,000
 small tensor ops of a transformers decode step (the overhead `bench_overhead.py` measures), so the default model
 is the overhead-only twin of issue 7's model (same 8 layers, 64 experts, heads and vocabulary; hidden and expert
 sizes 64); `--model issue7` runs the real one. Reports the time until the compiled engine's first decode steps
 are done (compilation), then the median decode ms/token of both engines alternating, and whether their greedy
 outputs are identical.
 
-Run: `python benchmarks/bench_compile.py [--model issue7] [--k 1] [--threads 2]` (compiling takes ~15 s per k).
+Run: `python benchmarks/bench_compile.py [--model issue7] [--k 1] [--threads 2]` (compiling takes 4-16 s per k).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from phds.cli.common import parse_ks
 from phds.engine import Engine
 from phds.engine.benchmark import PRESETS, BenchConfig, build_model, engine_decode, random_prompts
 
@@ -42,7 +43,7 @@ if __name__ == "__main__":
         "compiled": Engine(model, max_batch_size=1, max_seq_len=128, compile=True),
     }
     print(f"{torch.get_num_threads()} torch threads, {args.model} model")
-    for k in (int(part) for part in args.k.split(",")):
+    for k in parse_ks(args.k):
         start = time.perf_counter()
         engine_decode(engines["compiled"], random_prompts(config, 1, model.config.vocab_size), [k], 3)
         compile_s = time.perf_counter() - start

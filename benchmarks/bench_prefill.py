@@ -15,6 +15,7 @@ import statistics
 
 import torch
 
+from phds.cli.common import parse_ks
 from phds.engine import Engine
 from phds.engine.benchmark import BenchConfig, build_model, engine_decode, random_prompts, stock_decode
 
@@ -37,7 +38,7 @@ if __name__ == "__main__":
     engine = Engine(model, max_batch_size=args.batch, max_seq_len=args.prompt_len + 2)
     config = BenchConfig(prompt_len=args.prompt_len, new_tokens=2)
     print(f"{torch.get_num_threads()} torch threads, batch {args.batch} x {args.prompt_len} prompt tokens")
-    for k in (int(part) for part in args.k.split(",")):
+    for k in parse_ks(args.k):
         seconds: dict[str, list[float]] = {"engine": [], "stock": []}
         faults: dict[str, list[int]] = {"engine": [], "stock": []}
         for repeat in range(args.repeats):

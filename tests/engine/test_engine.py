@@ -149,7 +149,8 @@ def test_compile_compiles_only_the_decode_forward(monkeypatch):
     not any(shutil.which(compiler) for compiler in ("g++", "c++", "clang++")), reason="inductor needs a C++ compiler"
 )
 def test_compiled_decode_is_one_graph_per_k_and_matches_the_eager_engine():
-    """A real torch.compile (about 20 s): the sparse experts run as an opaque op, so nothing breaks the graph."""
+    """A real torch.compile (about 15 s): one token's experts are gathered in the graph, a batch's run as an opaque
+    op, so nothing breaks the graph."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     model = phds.tiny_model("olmoe")

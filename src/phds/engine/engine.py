@@ -108,7 +108,7 @@ class Engine:
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self._decode_forward = model.forward
         if self.compile:
-            logger.info("compile=True: the first decode step at each k and batch shape compiles (~15 s on CPU)")
+            logger.info("compile=True: the first decode step at each k and batch shape compiles (4-16 s on CPU)")
             prepare_compile(model)
             # Every k the rows use and every batch-shape class is a graph of its own (the dial's k is a static
             # integer of each router); torch's default limit of 8 would silently fall back to eager.

@@ -13,7 +13,8 @@ loop over experts), with autograd, so training at a low k is proportionally chea
 at most ~4 pairs per expert (decode batches, short prompts at a low k), each hit expert simply runs on its tokens
 through `decode_linear` (a bandwidth-bound small matmul): fewer ops than the grouped kernel's bookkeeping, which
 visits every expert, and a faster kernel than its per-expert matmuls (1.3-3.2x per layer, see
-`_few_tokens_is_faster`). Under `torch.compile` the inference path is one opaque op (`prepare_compile`).
+`_few_tokens_is_faster`). Under `torch.compile` one token's experts are gathered by index inside the graph and a
+batch's inference path is one opaque op (`prepare_compile`).
 
 Registered in transformers' experts interface when `phds.engine` is imported:
 `model.set_experts_implementation("phds")` or `phds.load(..., experts_implementation="phds")`.
@@ -150,8 +151,8 @@ def _(hidden_TD, expert_TK, weights_TK, experts_id):
 
 
 def prepare_compile(model: torch.nn.Module) -> None:
-    """Let `torch.compile` trace an inference forward of `model` with the "phds" experts as one graph: the experts
-    become an opaque op that finds its module by id.
+    """Let `torch.compile` trace an inference forward of `model` with the "phds" experts as one graph: a batch's
+    experts become an opaque op that finds its module by id (one token's are gathered inside the graph).
 
     Example: `prepare_compile(model); step = torch.compile(model.forward, dynamic=True)`.
     """
