@@ -113,6 +113,8 @@ def _write(path, rows):
         ("dense_model", "no MoE layers"),
         ("bad_k_list", "--k"),
         ("bad_select_by", "select_by"),
+        ("bad_eval_k_list", "--eval-k"),
+        ("eval_k_above_experts", "eval_ks"),
     ],
 )
 def test_bad_input_fails_before_training_and_writes_nothing(tmp_path, data_file, case, message):
@@ -147,6 +149,10 @@ def test_bad_input_fails_before_training_and_writes_nothing(tmp_path, data_file,
         k = ["--k", "two"]
     elif case == "bad_select_by":
         extra = [*extra, "--select-by", "median"]
+    elif case == "bad_eval_k_list":
+        extra = [*extra, "--eval-k", "two"]
+    elif case == "eval_k_above_experts":
+        extra = [*extra, "--eval-k", "2,99"]
     result = runner.invoke(app, ["train", model, "--data", data, "--out", str(out), *k, *extra, *FAST])
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())

@@ -221,3 +221,56 @@ def test_rows_cut_off_entirely_by_max_length_are_a_clear_error_that_leaves_nothi
     with pytest.raises(ValueError, match="max_length"):
         train("tiny:olmoe", fast_config(tmp_path / "cut", ks=[2, 4], max_length=16), train_data=rows)
     assert not (tmp_path / "cut").exists()
+
+
+def test_a_fixed_k_run_validated_over_eval_ks_is_selected_by_their_mean(tmp_path, addition_rows):
+    out = tmp_path / "sft"
+    # a learning rate so high that later steps get worse, so the selected step is not simply the last one
+    config = fast_config(
+        out, fixed_k=4, eval_ks=[2, 3, 4], select_by="mean", learning_rate=0.3, max_steps=4, eval_steps=1
+    )
+    result = train("tiny:olmoe", config, train_data=addition_rows)
+    assert result.k_history == [4] * 4 and result.ks == [4]
+    evals = [e for e in read_log(out) if e["event"] == "log" and "eval_loss_k2" in e]
+    assert [e["step"] for e in evals] == [1, 2, 3, 4] and all(
+        "eval_loss_k3" in e and "eval_loss_k4" in e for e in evals
+    )
+    means = {e["step"]: (e["eval_loss_k2"] + e["eval_loss_k3"] + e["eval_loss_k4"]) / 3 for e in evals}
+    best = min(means, key=means.get)
+    assert result.best_step == best and set(result.validation_loss) == {2, 3, 4}
+    sidecar = phds.read_sidecar(out)
+    assert sidecar.method == "oracle" and sidecar.ks == [4] and set(sidecar.validation_loss) == {"2", "3", "4"}
+    assert sidecar.made_by["eval_ks"] == [2, 3, 4] and sidecar.made_by["select_by"] == "mean"
+    assert sidecar.made_by["best_step"] == best
+
+
+class _KeepFinalWeights(TrainerCallback):
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.weights = {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def test_select_by_final_saves_the_last_steps_model_even_when_an_earlier_step_was_better(tmp_path, addition_rows):
+    out = tmp_path / "final"
+    final = _KeepFinalWeights()
+    config = fast_config(out, ks=[2, 4], select_by="final", learning_rate=0.3, max_steps=4, eval_steps=1)
+    result = train("tiny:olmoe", config, train_data=addition_rows, callbacks=[final])
+    evals = {e["step"]: e for e in read_log(out) if e["event"] == "log" and "eval_loss_k2" in e}
+    assert sorted(evals) == [1, 2, 3, 4]  # validation still runs at every evaluation step
+    assert min(evals, key=lambda step: evals[step]["eval_loss_k4"]) != 4  # an earlier step was better at k_pre
+    assert result.best_step == 4 and result.validation_loss == pytest.approx(
+        {2: evals[4]["eval_loss_k2"], 4: evals[4]["eval_loss_k4"]}
+    )
+    saved = transformers.AutoModelForCausalLM.from_pretrained(out).state_dict()
+    for name, value in saved.items():
+        torch.testing.assert_close(value, final.weights[name])
+    assert phds.read_sidecar(out).made_by["select_by"] == "final"
+    assert phds.read_sidecar(out).made_by["best_step"] == 4
+
+
+def test_eval_ks_outside_the_models_experts_or_without_the_selection_k_are_refused(tmp_path, addition_rows):
+    with pytest.raises(ValueError, match="eval_ks"):
+        train("tiny:olmoe", fast_config(tmp_path / "a", ks=[2, 4], eval_ks=[2, 99]), train_data=addition_rows)
+    with pytest.raises(ValueError, match="eval_ks"):
+        train("tiny:olmoe", fast_config(tmp_path / "b", ks=[2, 4], eval_ks=[2, 3]), train_data=addition_rows)
+    with pytest.raises(ValueError, match="eval_ks"):
+        PHDSConfig(output_dir="x", eval_ks=[2, 2])

@@ -62,7 +62,13 @@ def train_command(
     eval_steps: float = typer.Option(0.1, "--eval-steps", help="Evaluate every N steps (< 1: fraction of the run)."),
     save_steps: float = typer.Option(0.1, "--save-steps", help="Resumable checkpoint every N steps (< 1: fraction)."),
     select_by: str = typer.Option(
-        "k_pre", "--select-by", help="Keep the best checkpoint by the loss at k_pre or the mean over ks: k_pre|mean."
+        "k_pre",
+        "--select-by",
+        help="Keep the checkpoint with the best loss at k_pre, the best mean over the eval ks, or the last step's: "
+        "k_pre|mean|final.",
+    ),
+    eval_k: str | None = typer.Option(
+        None, "--eval-k", help="ks the validation loss is computed at, e.g. '2,3,4' or '2-4'. [default: the ks]"
     ),
     mask_epsilon: float = typer.Option(
         0.0, "--mask-epsilon", help="Weight of dropped experts (1e-6: faithful reproduction)."
@@ -101,6 +107,7 @@ def train_command(
     from phds.training import PHDSConfig, train
 
     ks = parse_ks(k) if k is not None else None
+    eval_ks = parse_ks(eval_k, option="--eval-k") if eval_k is not None else None
     with user_errors():
         config = PHDSConfig(
             output_dir=str(out),
@@ -126,6 +133,7 @@ def train_command(
             eval_steps=eval_steps,
             save_steps=save_steps,
             select_by=select_by,
+            eval_ks=eval_ks,
             mask_epsilon=mask_epsilon,
             renormalize=renormalize,
             aux_loss_coef=aux_loss_coef,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import SFTConfig
 
-SELECT_BY = ("k_pre", "mean")
+SELECT_BY = ("k_pre", "mean", "final")
 
 
 def _installed_trackers() -> list[str]:
@@ -48,7 +48,10 @@ class PHDSConfig(SFTConfig):
 
     Parameters that control checkpoint selection:
         select_by: "k_pre" keeps the checkpoint with the lowest validation loss at k_pre (at the oracle's k for an
-            oracle), "mean" the lowest mean over the declared ks.
+            oracle), "mean" the lowest mean over `eval_ks`, "final" the model of the last optimizer step
+            (validation still runs and is recorded, but does not choose).
+        eval_ks: the ks the validation loss is computed at (`eval_loss_k{k}`) and "mean" averages over; default
+            the trained ks. E.g. an SFT at `fixed_k=k_pre` selected like PHDS: `eval_ks=[2, 3, 4]`.
 
     Parameters that control LoRA (PEFT):
         lora, lora_r, lora_alpha, lora_dropout, lora_target_modules, lora_target_parameters, train_router,
@@ -121,9 +124,14 @@ class PHDSConfig(SFTConfig):
     select_by: str = field(
         default="k_pre",
         metadata={
-            "help": "Keep the checkpoint with the best validation loss at k_pre ('k_pre') or mean over ks.",
+            "help": "Keep the checkpoint with the best validation loss at k_pre ('k_pre') or mean over eval_ks "
+            "('mean'), or the last step's model ('final').",
             "choices": list(SELECT_BY),
         },
+    )
+    eval_ks: list[int] | None = field(
+        default=None,
+        metadata={"help": "The ks validation runs at and 'mean' averages over; default the trained ks."},
     )
 
     # ------------------------------------------------------------------ LoRA
@@ -185,6 +193,11 @@ class PHDSConfig(SFTConfig):
                 raise ValueError(f"`ks` must be a non-empty list of positive ints, got ks={self.ks!r}")
             if len(set(self.ks)) != len(self.ks):
                 raise ValueError(f"`ks` must not repeat a k, got ks={self.ks!r}")
+        if self.eval_ks is not None:
+            if not self.eval_ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.eval_ks):
+                raise ValueError(f"`eval_ks` must be a non-empty list of positive ints or None, got {self.eval_ks!r}")
+            if len(set(self.eval_ks)) != len(self.eval_ks):
+                raise ValueError(f"`eval_ks` must not repeat a k, got eval_ks={self.eval_ks!r}")
         if self.fixed_k is not None:
             if isinstance(self.fixed_k, bool) or not isinstance(self.fixed_k, int) or self.fixed_k < 1:
                 raise ValueError(f"`fixed_k` must be a positive int, got fixed_k={self.fixed_k!r}")

@@ -31,6 +31,7 @@ from phds.training.callbacks import (
     JsonlLogCallback,
     PHDSCallback,
     RichProgressCallback,
+    eval_loss_key,
 )
 from phds.training.config import PHDSConfig
 from phds.training.data import DataSource, prepare_data
@@ -107,6 +108,29 @@ def _resolve_ks(config: PHDSConfig, k_pre: int, num_experts: int) -> list[int]:
     if bad:
         raise ValueError(f"every k must be between 1 and the model's number of experts ({num_experts}), got ks={ks}")
     return ks
+
+
+def _resolve_eval_ks(config: PHDSConfig, ks: list[int], k_select: int, num_experts: int) -> list[int]:
+    eval_ks = sorted(config.eval_ks) if config.eval_ks is not None else list(ks)
+    bad = [k for k in eval_ks if not 1 <= k <= num_experts]
+    if bad:
+        raise ValueError(
+            f"`eval_ks` must be between 1 and the model's number of experts ({num_experts}), got eval_ks={eval_ks}"
+        )
+    if config.select_by == "k_pre" and k_select not in eval_ks:
+        raise ValueError(
+            f"`select_by`='k_pre' selects by the loss at k={k_select}, which `eval_ks`={eval_ks} leaves out; "
+            f"add {k_select} to eval_ks or use select_by='mean'"
+        )
+    return eval_ks
+
+
+def _losses_at(log_history: list[dict], step: int, eval_ks: list[int]) -> dict[int, float]:
+    """The per-k validation losses logged at `step` (empty when that step was not evaluated)."""
+    for entry in reversed(log_history):
+        if entry.get("step") == step and eval_loss_key(eval_ks[0]) in entry:
+            return {k: float(entry[eval_loss_key(k)]) for k in eval_ks}
+    return {}
 
 
 def _resume_checkpoint(config: PHDSConfig, out: Path) -> str | None:
@@ -313,6 +337,7 @@ def train(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     k_select = k_pre if k_pre in ks else max(ks)
+    eval_ks = _resolve_eval_ks(config, ks, k_select, num_experts)
     saved_config = {
         key: getattr(model.config, key)
         for key in ("output_router_logits", "router_aux_loss_coef", "use_cache")
@@ -340,6 +365,7 @@ def train(
         },
         "seed": config.seed,
         "select_by": config.select_by,
+        "eval_ks": eval_ks,
         "mask_epsilon": config.mask_epsilon,
         "renormalize": config.renormalize,
         "lora": config.lora,
@@ -373,15 +399,21 @@ def train(
     phds_callback = PHDSCallback(
         schedule, epsilon=config.mask_epsilon, renormalize=config.renormalize, history_path=out / LOG_NAME
     )
-    best_callback = BestCheckpointCallback(ks, save_best)
+    best_callback = BestCheckpointCallback(eval_ks, save_best)
+    selecting = eval_rows is not None and config.select_by != "final"
     trainer = PHDSTrainer(
         model=model,
         args=trainer_args,
         train_dataset=train_rows,
         eval_dataset=eval_rows,
         processing_class=tokenizer,
-        callbacks=[phds_callback, JsonlLogCallback(out / LOG_NAME, phds_callback), best_callback, *(callbacks or [])],
-        eval_ks=ks,
+        callbacks=[
+            phds_callback,
+            JsonlLogCallback(out / LOG_NAME, phds_callback),
+            *([best_callback] if selecting else []),
+            *(callbacks or []),
+        ],
+        eval_ks=eval_ks,
         select_by=config.select_by,
         k_select=k_select,
         mask_epsilon=config.mask_epsilon,
@@ -406,13 +438,13 @@ def train(
     finally:
         if progress is not None:
             progress.close()  # also when training raised, so the terminal is left usable
-    if eval_rows is not None:
-        evaluated = {entry.get("step") for entry in trainer.state.log_history if "eval_loss" in entry}
-        if trainer.state.global_step not in evaluated:
-            trainer.evaluate()  # the last steps always get a say in the selection
-    else:
-        save_best(model, trainer.state.global_step, {})
-        best_callback.best_step = trainer.state.global_step
+    final_step = trainer.state.global_step
+    if eval_rows is not None and not _losses_at(trainer.state.log_history, final_step, eval_ks):
+        trainer.evaluate()  # the last steps always get a say in the selection (and "final" records their loss)
+    if not selecting:
+        best_callback.best_losses = _losses_at(trainer.state.log_history, final_step, eval_ks)
+        best_callback.best_step = final_step
+        save_best(model, final_step, best_callback.best_losses)
     if hasattr(model, "eval"):
         model.eval()
 

@@ -28,21 +28,23 @@ EXTRA_WEIGHTS = "phds_extra_trainable.safetensors"
 def selection_score(losses: dict[int, float], *, select_by: str, k_select: int) -> float:
     """The number checkpoint selection minimises: the loss at `k_select` ("k_pre") or the mean over ks ("mean").
 
+    "final" selects nothing (the last step's model is kept); its score is the mean, reported as `eval_loss`.
+
     Example: `selection_score({2: 3.1, 4: 2.9}, select_by="mean", k_select=4) == 3.0`.
     """
-    if select_by == "mean":
+    if select_by in ("mean", "final"):
         return sum(losses.values()) / len(losses)
     if select_by == "k_pre":
         return losses[k_select]
-    raise ValueError(f"`select_by` must be 'k_pre' or 'mean', got {select_by!r}")
+    raise ValueError(f"`select_by` must be 'k_pre', 'mean' or 'final', got {select_by!r}")
 
 
 class PHDSTrainer(SFTTrainer):
     """`SFTTrainer` evaluating at every k of `eval_ks`.
 
     Args:
-        eval_ks: the ks the validation set is evaluated at (the declared ks).
-        select_by: "k_pre" or "mean" (see `selection_score`).
+        eval_ks: the ks the validation set is evaluated at (default: the declared ks).
+        select_by: "k_pre", "mean" or "final" (see `selection_score`).
         k_select: the k whose loss "k_pre" selection uses.
         mask_epsilon, renormalize: the routing options training uses, applied at evaluation too.
         *args, **kwargs: `SFTTrainer`'s.
