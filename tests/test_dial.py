@@ -252,10 +252,30 @@ def test_gradient_checkpointing_backward_matches_model_built_at_k(input_ids):
 
 def test_per_row_k_backward_gives_finite_grads_and_no_grad_to_dropped_experts(input_ids):
     model = phds.tiny_model("olmoe").train()
-    phds.set_k(model, torch.tensor([1, 1, 1]))
-    model(input_ids, labels=input_ids).loss.backward()
+    layers = phds.moe_layers(model)
+    phds.set_k(model, torch.tensor([1, 2, 1]))
+    routed = {}  # layer index -> (weights_TK, experts_TK) after the dial dropped slots
+    hooks = [
+        layer.router.register_forward_hook(lambda _, __, out, i=layer.index: routed.__setitem__(i, out[1:]))
+        for layer in layers
+    ]
+    # A loss on every position: with next-token labels the last token's experts would get no gradient anyway.
+    model(input_ids[:, :3]).logits.square().mean().backward()
+    for hook in hooks:
+        hook.remove()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+    dropped_somewhere = False
+    for layer in layers:
+        weights_TK, experts_TK = routed[layer.index]
+        kept = set(experts_TK[weights_TK != 0].tolist())
+        dropped = set(experts_TK[weights_TK == 0].tolist()) - kept  # routed at k_pre, kept by no token
+        dropped_somewhere |= bool(dropped)
+        for name, param in layer.experts.named_parameters():
+            for expert in range(layer.num_experts):
+                has_grad = bool(param.grad[expert].abs().sum() > 0)
+                assert has_grad == (expert in kept), f"layer {layer.index} {name} expert {expert}"
+    assert dropped_somewhere, "no expert was dropped for every token: the check above proved nothing"
 
 
 @pytest.mark.parametrize("implementation", ["eager", "grouped_mm", "batched_mm"])
