@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 import phds
@@ -34,12 +35,25 @@ def test_the_phds_callback_dials_the_schedules_k_and_restores_the_k_on_train_end
 
 
 def test_the_phds_callback_applies_epsilon_and_renormalisation_options():
-    model = phds.tiny_model("olmoe")
-    callback = PHDSCallback(PHDSSchedule.fixed(2), epsilon=1e-6)
-    callback.on_train_begin(ARGS, _state(), TrainerControl(), model=model)
-    callback.on_step_begin(ARGS, _state(0), TrainerControl(), model=model)
+    model = phds.tiny_model("olmoe")  # OLMoE does not renormalise its top-k weights by itself
     router = phds.moe_layers(model)[0].router
-    assert router._phds_plan.epsilon == 1e-6 and router.top_k == 4  # epsilon routes at k_pre, keeps 2
+    hidden_TD = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    _, k_pre_weights_TK, _ = router(hidden_TD)
+    for epsilon, renormalize in [(1e-6, None), (0.0, True), (1e-6, True)]:
+        callback = PHDSCallback(PHDSSchedule.fixed(2), epsilon=epsilon, renormalize=renormalize)
+        callback.on_train_begin(ARGS, _state(), TrainerControl(), model=model)
+        callback.on_step_begin(ARGS, _state(0), TrainerControl(), model=model)
+        _, weights_TK, _ = router(hidden_TD)
+        kept_TK = weights_TK > epsilon
+        assert (kept_TK.sum(-1) == 2).all(), (epsilon, renormalize)
+        assert (weights_TK[~kept_TK] == epsilon).all(), (epsilon, renormalize)
+        kept_mass_T = (weights_TK * kept_TK).sum(-1)
+        if renormalize:  # the 2 kept weights carry the whole k_pre mass
+            torch.testing.assert_close(kept_mass_T, k_pre_weights_TK.sum(-1))
+        else:  # the 2 kept weights are the router's own, unscaled
+            torch.testing.assert_close(weights_TK[kept_TK], k_pre_weights_TK[kept_TK])
+            assert (kept_mass_T < k_pre_weights_TK.sum(-1)).all()
+        callback.on_train_end(ARGS, _state(1), TrainerControl(), model=model)
 
 
 def test_the_progress_bar_shows_step_k_and_loss_on_rank_zero_only():
