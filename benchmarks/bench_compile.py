@@ -3,12 +3,12 @@
 `compile=True` compiles the one-token decode forward with `torch.compile(dynamic=True)`; one token's experts are
 gathered by index inside the graph, a batch's run as one opaque op (`phds.engine.experts.prepare_compile`). On CPU the gain is fusing the ~1,000
 small tensor ops of a transformers decode step (the overhead `bench_overhead.py` measures), so the default model
-is the overhead-only twin of issue 7's model (same 8 layers, 64 experts, heads and vocabulary; hidden and expert
-sizes 64); `--model issue7` runs the real one. Reports the time until the compiled engine's first decode steps
+is the overhead-only twin of the `olmoe-shape-small` preset (same 8 layers, 64 experts, heads and vocabulary;
+hidden and expert sizes 64); `--model olmoe-shape-small` runs the real one. Reports the time until the compiled engine's first decode steps
 are done (compilation), then the median decode ms/token of both engines alternating, and whether their greedy
 outputs are identical.
 
-Run: `python benchmarks/bench_compile.py [--model issue7] [--k 1] [--threads 2]` (compiling takes 4-16 s per k).
+Run: `python benchmarks/bench_compile.py [--model olmoe-shape-small] [--k 1] [--threads 2]` (compiling takes 4-16 s per k).
 """
 
 from __future__ import annotations
@@ -19,24 +19,22 @@ import time
 
 import torch
 
+from phds.bench import BenchConfig, build_model
+from phds.bench.measure import engine_decode, random_prompts
 from phds.cli.common import parse_ks
 from phds.engine import Engine
-from phds.engine.benchmark import PRESETS, BenchConfig, build_model, engine_decode, random_prompts
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["overhead-only", "issue7"], default="overhead-only")
+    parser.add_argument("--model", choices=["overhead-only", "olmoe-shape-small"], default="overhead-only")
     parser.add_argument("--k", default="1", help="experts per token, e.g. 1,8")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    family, fields = PRESETS["issue7"]
-    if args.model == "overhead-only":
-        fields = {**fields, "hidden_size": 64, "intermediate_size": 64}
-    tiny_config = f"{family}:" + ",".join(f"{key}={value}" for key, value in fields.items())
-    model = build_model(BenchConfig(tiny_config=tiny_config))
+    preset = "olmoe-shape-small-overhead-only" if args.model == "overhead-only" else args.model
+    model = build_model(BenchConfig(tiny_config=preset))
     config = BenchConfig(prompt_len=64, new_tokens=32)
     engines = {
         "eager": Engine(model, max_batch_size=1, max_seq_len=128),

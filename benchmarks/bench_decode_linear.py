@@ -1,11 +1,11 @@
 """Decode-sized linear layers: torch's `F.linear` against `phds.engine.decode_linear.linear` (a blocked batched
-matmul) for 1, 8 and 64 input rows, on the weight shapes of issue 7's model, alternating in one run.
+matmul) for 1, 8 and 64 input rows, on the weight shapes of the `olmoe-shape-small` preset, alternating in one run.
 
 Each shape cycles through enough distinct weights (256 MB) that every call reads its weight from memory, as a
 decode step does. Prints microseconds per call, GB/s and the ratio, next to the read bandwidth of summing a large
 tensor (what `phds bench`'s floor uses).
 
-With `--engine`, also the batch-1 engine on issue 7's model with the blocked product on and off (off: every
+With `--engine`, also the batch-1 engine on that model with the blocked product on and off (off: every
 linear takes `F.linear`), alternating, per k.
 
 Run: `python benchmarks/bench_decode_linear.py [--threads 2] [--engine]`.
@@ -20,10 +20,11 @@ import time
 import torch
 import torch.nn.functional as F
 
+from phds.bench import BenchConfig, build_model
+from phds.bench.measure import engine_decode, measure_bandwidth, random_prompts
 from phds.engine import Engine, decode_linear
-from phds.engine.benchmark import BenchConfig, build_model, engine_decode, measure_bandwidth, random_prompts
 
-SHAPES = {  # (out, in) of issue 7's model: hidden 512, expert intermediate 512, vocabulary 8192
+SHAPES = {  # (out, in) of the olmoe-shape-small preset: hidden 512, expert intermediate 512, vocabulary 8192
     "attention projection": (512, 512),
     "expert gate+up": (1024, 512),
     "expert down": (512, 512),
@@ -41,7 +42,7 @@ def seconds_per_call(function, weights, x, calls: int) -> float:
 
 
 def engine_on_off(repeats: int) -> None:
-    model = build_model(BenchConfig(tiny_config="issue7"))
+    model = build_model(BenchConfig(tiny_config="olmoe-shape-small"))
     engine = Engine(model, max_batch_size=1, max_seq_len=128)
     config = BenchConfig(prompt_len=64, new_tokens=32)
     blocks = decode_linear._BLOCKS
@@ -69,7 +70,9 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--calls", type=int, default=400)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--engine", action="store_true", help="also A/B the batch-1 engine on issue 7's model")
+    parser.add_argument(
+        "--engine", action="store_true", help="also A/B the batch-1 engine on the olmoe-shape-small preset"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,4 +1,4 @@
-"""The experts kernel alone: one OLMoE experts layer of issue 7's model, "phds" vs transformers' grouped_mm.
+"""The experts kernel alone: one experts layer of the `olmoe-shape-small` preset, "phds" vs transformers' grouped_mm.
 
 One layer (64 experts, hidden 512, expert intermediate 512, fp32), 512 tokens routed uniformly at random to k
 experts, forward + backward (training) and forward only (prefill), at int k = 1 and 8 (nothing dropped: both
@@ -19,7 +19,7 @@ import torch
 from transformers.integrations.moe import grouped_mm_experts_forward
 
 import phds
-from phds.engine.benchmark import PRESETS
+from phds.bench import PRESETS
 from phds.engine.experts import phds_experts_forward
 
 IMPLEMENTATIONS = {"phds": phds_experts_forward, "grouped_mm": grouped_mm_experts_forward}
@@ -44,7 +44,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    family, fields = PRESETS["issue7"]
+    family, fields = PRESETS["olmoe-shape-small"]
     experts = phds.moe_layers(phds.tiny_model(family, **{**fields, "num_hidden_layers": 1}))[0].experts
     generator = torch.Generator().manual_seed(0)
     print(f"{torch.get_num_threads()} torch threads, {args.tokens} tokens, medians of {args.repeats}")

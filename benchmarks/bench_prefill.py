@@ -15,9 +15,10 @@ import statistics
 
 import torch
 
+from phds.bench import BenchConfig, build_model
+from phds.bench.measure import engine_decode, random_prompts, stock_decode
 from phds.cli.common import parse_ks
 from phds.engine import Engine
-from phds.engine.benchmark import BenchConfig, build_model, engine_decode, random_prompts, stock_decode
 
 
 def minor_faults() -> int:
@@ -34,7 +35,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = build_model(BenchConfig(tiny_config="issue7"))
+    model = build_model(BenchConfig(tiny_config="olmoe-shape-small"))
     engine = Engine(model, max_batch_size=args.batch, max_seq_len=args.prompt_len + 2)
     config = BenchConfig(prompt_len=args.prompt_len, new_tokens=2)
     print(f"{torch.get_num_threads()} torch threads, batch {args.batch} x {args.prompt_len} prompt tokens")

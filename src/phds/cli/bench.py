@@ -20,8 +20,8 @@ def _names(text: str) -> list[str]:
 @app.command()
 def bench(
     model: str | None = typer.Argument(None, help="Checkpoint directory, hub name or tiny:<family>."),
-    tiny_config: str | None = typer.Option(
-        None, help="Random model instead of MODEL: a preset ('issue7', the default) or 'family:field=value,...'."
+    tiny_config: str = typer.Option(
+        "olmoe-shape-small", help="Random model when no MODEL is given: a preset or 'family:field=value,...'."
     ),
     k: str = typer.Option("1,2,4,8", "--k", help="Experts per token to measure, e.g. '1,2,4,8'."),
     batch: str = typer.Option("1", "--batch", help="Decode batch sizes, e.g. '1,8'."),
@@ -39,14 +39,14 @@ def bench(
     json_out: Path | None = typer.Option(None, "--json", help="Write every figure to this JSON file."),  # noqa: B008
 ) -> None:
     """Time decode (ms/token), prefill (tokens/s) and optionally training per k, engine vs stock, with the
-    bandwidth floor and the issue's goals."""
-    from phds.engine.benchmark import BenchConfig
-    from phds.engine.benchmark import bench as run_bench
+    bandwidth floor and this project's performance targets."""
+    from phds.bench import BenchConfig, check_targets
+    from phds.bench import bench as run_bench
 
     with user_errors():
         config = BenchConfig(
             model=model,
-            tiny_config=None if model is not None else (tiny_config or "issue7"),
+            tiny_config=None if model is not None else tiny_config,
             ks=parse_ks(k),
             batches=parse_ks(batch, "--batch"),
             prompt_len=prompt_len,
@@ -66,6 +66,7 @@ def bench(
         ) as progress:
             task = progress.add_task("starting", total=None)
             results = run_bench(config, progress=lambda text: progress.update(task, description=text))
+    results["targets"] = check_targets(results)
     _print(results)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +75,7 @@ def bench(
 
 
 def _print(results: dict) -> None:
-    from phds.engine.benchmark import result_tables, run_summary
+    from phds.bench import result_tables, run_summary
 
     console.print(run_summary(results))
     for title, header, rows in result_tables(results):
@@ -84,4 +85,17 @@ def _print(results: dict) -> None:
         for row in rows:
             table.add_row(*row)
         console.print(table)
-    console.print(f"goals: {json.dumps(results['goals'])}")
+    targets = Table(title="project targets (phds.bench.TARGETS; details in docs/performance.md)")
+    targets.add_column("target")
+    targets.add_column("this run", justify="right")
+    for name, value in results["targets"].items():
+        targets.add_row(name, _target_cell(value))
+    console.print(targets)
+
+
+def _target_cell(value) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, dict):  # dial_payoff: the two ratios it compares
+        return f"{_target_cell(value['met'])} (time {value['time_ratio']:.2f}, floors {value['floor_ratio']:.2f})"
+    return f"{value:.2f}"
