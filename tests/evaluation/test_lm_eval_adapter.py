@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from typer.testing import CliRunner
 
@@ -32,7 +34,7 @@ metric_list:
 @pytest.fixture(scope="module")
 def offline_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm_eval")
-    items = write_jsonl(root / "items.jsonl", MC[:3])
+    items = write_jsonl(root / "items.jsonl", MC)
     (root / "tasks").mkdir()
     (root / "tasks" / "phds_tiny_mc.yaml").write_text(TASK_YAML.format(path=items))
     phds.save(phds.tiny_model("olmoe"), root / "ckpt", tokenizer=phds.tiny_tokenizer())
@@ -51,10 +53,10 @@ def _offline(monkeypatch):
 def _hand_scores(k: int) -> list[list[float]]:
     """What lm-eval should report at k: log p(" choice" | query) from our own scorer, dialled to k."""
     model, tok = phds.tiny_model("olmoe"), phds.tiny_tokenizer()
-    requests = [(tok(item["query"]).input_ids, tok(" " + c).input_ids) for item in MC[:3] for c in item["choices"]]
+    requests = [(tok(item["query"]).input_ids, tok(" " + c).input_ids) for item in MC for c in item["choices"]]
     with phds.sparsity(model, k):
         flat = [s.logprob for s in scoring.loglikelihoods(model, requests)]
-    sizes = [len(item["choices"]) for item in MC[:3]]
+    sizes = [len(item["choices"]) for item in MC]
     return [flat[sum(sizes[:i]) : sum(sizes[: i + 1])] for i in range(len(sizes))]
 
 
@@ -113,3 +115,51 @@ def test_phds_lm_eval_forwards_to_the_lm_eval_command_line(offline_setup, tmp_pa
     )
     assert result.exit_code == 0, result.output
     assert list((tmp_path / "out").rglob("results*.json"))
+
+
+def _bos_adding_tokenizer():
+    """The tiny tokenizer with a Llama-style post-processor: bos before every encoded text."""
+    from tokenizers import processors
+
+    tok = phds.tiny_tokenizer()
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[(tok.bos_token, tok.bos_token_id)]
+    )
+    return tok
+
+
+@pytest.mark.parametrize("tokenizer", [phds.tiny_tokenizer, _bos_adding_tokenizer], ids=["no-bos", "adds-bos"])
+def test_phds_eval_and_lm_eval_give_the_same_loglikelihoods_and_accuracy(offline_setup, tmp_path, tokenizer):
+    from lm_eval.tasks import TaskManager
+
+    from phds.evaluation.lm_eval_adapter import PHDSLM
+
+    model, tok = phds.tiny_model("olmoe"), tokenizer()
+    ours = phds.evaluate(
+        model, [2], [offline_setup / "items.jsonl"], tokenizer=tok, out_dir=tmp_path, latency=False, progress=False
+    )
+    ours_rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    theirs = lm_eval.simple_evaluate(
+        model=PHDSLM(pretrained=model, tokenizer=tok, k=2, batch_size=1, dtype="float32"),
+        tasks=["phds_tiny_mc"],
+        task_manager=TaskManager(include_path=str(offline_setup / "tasks")),
+        log_samples=True,
+    )
+    samples = sorted(theirs["samples"]["phds_tiny_mc"], key=lambda s: s["doc_id"])
+    assert len(samples) == len(ours_rows) == len(MC)
+    for row, sample in zip(sorted(ours_rows, key=lambda r: r["index"]), samples, strict=True):
+        assert row["logprobs"] == pytest.approx([resp[0] for resp in sample["filtered_resps"]], abs=1e-5)
+        assert float(row["prediction"] == row["gold"]) == sample["acc"]
+    ours_acc = ours["tasks"]["items"]["items"]["2"]["acc"]
+    assert sum(ours_acc) / len(ours_acc) == pytest.approx(theirs["results"]["phds_tiny_mc"]["acc,none"])
+
+
+@pytest.mark.parametrize("tokenizer", [phds.tiny_tokenizer, _bos_adding_tokenizer], ids=["no-bos", "adds-bos"])
+def test_generation_prompts_are_tokenised_as_lm_eval_generate_until_does(tiny, tokenizer):
+    from phds.evaluation.lm_eval_adapter import PHDSLM
+
+    model, tok = tiny[0], tokenizer()
+    lm = PHDSLM(pretrained=model, tokenizer=tok, k=2, batch_size=1, dtype="float32")
+    for prompt in ["Question: 2 plus 3?\nAnswer:", "<s>1+1="]:
+        ids, _ = lm.tok_batch_encode([prompt])
+        assert scoring.encode_text(tok, prompt) == ids[0].tolist()

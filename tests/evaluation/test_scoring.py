@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tokenizers import processors
 
 import phds
 from phds.evaluation import scoring
@@ -33,7 +34,66 @@ def test_loglikelihoods_match_a_hand_computation(tiny):
 def test_trailing_context_space_moves_to_the_continuation(tiny):
     _, tok = tiny
     ctx, cont = scoring.encode_pair(tok, "ab ", "c", 256)
-    assert tok.decode(cont) == " c" and tok.decode(ctx[1:]) == "ab"
+    assert tok.decode(cont) == " c" and tok.decode(ctx) == "ab"
+
+
+def _ids(text: str, tok) -> list[int]:
+    return tok(text, add_special_tokens=False).input_ids
+
+
+def _bos_adding_tokenizer():
+    """The tiny tokenizer with a Llama-style post-processor: bos before every encoded text."""
+    tok = phds.tiny_tokenizer()
+    bos = (tok.bos_token, tok.bos_token_id)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[bos]
+    )
+    return tok
+
+
+def test_context_gets_bos_only_where_the_tokenizer_adds_it(tiny):
+    _, plain = tiny
+    ctx, cont = scoring.encode_pair(plain, "Q: 1+1?", " 2", 256)
+    assert ctx == plain("Q: 1+1?", add_special_tokens=False).input_ids and plain.bos_token_id not in ctx + cont
+    adds_bos = _bos_adding_tokenizer()
+    ctx, cont = scoring.encode_pair(adds_bos, "Q: 1+1?", " 2", 256)
+    assert ctx[0] == adds_bos.bos_token_id and ctx[1:] == _ids("Q: 1+1?", adds_bos)
+    assert cont == _ids(" 2", adds_bos)
+
+
+def test_add_bos_token_forces_or_drops_bos_and_a_written_bos_is_not_doubled(tiny):
+    _, plain = tiny
+    bos = plain.bos_token_id
+    assert scoring.encode_pair(plain, "ab", " c", 256, add_bos_token=True)[0] == [bos, *_ids("ab", plain)]
+    assert scoring.encode_pair(_bos_adding_tokenizer(), "ab", " c", 256, add_bos_token=False)[0] == _ids("ab", plain)
+    assert scoring.encode_pair(_bos_adding_tokenizer(), "<s>ab", " c", 256)[0] == [bos, *_ids("ab", plain)]
+    assert scoring.encode_pair(plain, "<s>ab", " c", 256, add_bos_token=True)[0] == [bos, *_ids("ab", plain)]
+
+
+def test_empty_context_is_the_prefix_token_unless_the_continuation_starts_with_it(tiny):
+    _, tok = tiny
+    bos = tok.bos_token_id
+    assert scoring.encode_pair(tok, "", "abc", 256) == ([bos], _ids("abc", tok))
+    assert scoring.encode_pair(tok, "", "<s>abc", 256) == ([bos], _ids("abc", tok))
+    with pytest.raises(ValueError, match="leaves nothing to score"):
+        scoring.encode_pair(tok, "", "<s>", 256)
+
+
+def test_a_pair_keeps_limit_plus_one_tokens_since_the_last_is_never_fed():
+    assert scoring.truncate([1, 2, 3], [4], 3) == ([1, 2, 3], [4])
+    assert scoring.truncate([1, 2, 3], [4, 5], 3) == ([2, 3], [4, 5])
+    assert scoring.truncate([1, 2], [3, 4, 5, 6], 3) == ([2], [3, 4, 5])
+
+
+def test_generation_prompts_get_bos_only_where_the_tokenizer_adds_it(tiny):
+    model, plain = tiny
+    adds_bos = _bos_adding_tokenizer()
+    assert scoring.encode_text(plain, "1+1=") == _ids("1+1=", plain)
+    assert scoring.encode_text(adds_bos, "1+1=") == [adds_bos.bos_token_id, *_ids("1+1=", plain)]
+    assert scoring.encode_text(adds_bos, "<s>1+1=") == scoring.encode_text(adds_bos, "1+1=")
+    assert scoring.generate(model, adds_bos, ["<s>1+1="], max_new_tokens=4) == scoring.generate(
+        model, adds_bos, ["1+1="], max_new_tokens=4
+    )
 
 
 def test_batched_scores_equal_batch_size_one(tiny, task_dir):

@@ -57,40 +57,83 @@ def pad_id(tokenizer) -> int:
     return 0
 
 
-def encode_pair(tokenizer, context: str, continuation: str, limit: int) -> tuple[list[int], list[int]]:
-    """Tokenise a (context, continuation) pair as lm-evaluation-harness does.
+def prefix_token_id(tokenizer) -> int:
+    """The token an empty context stands for: bos, else eos (lm-evaluation-harness's `prefix_token_id`).
+
+    Example: `prefix_token_id(tok) == tok.bos_token_id`.
+    """
+    for value in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return int(value)
+    raise ValueError("`tokenizer` has neither a bos nor an eos token to stand in for an empty context; set one")
+
+
+def encode_text(tokenizer, text: str, *, add_bos_token: bool | None = None) -> list[int]:
+    """Token ids of `text` with the special tokens lm-evaluation-harness's HFLM gives it (its `tok_encode`).
+
+    By default the tokenizer adds what it always adds (Llama-style tokenizers a bos, GPT-NeoX / OLMoE / Qwen ones
+    nothing). A text that already starts with the bos text gets no second one. `add_bos_token=True` starts every
+    text with bos, `False` adds no special tokens at all.
+
+    Example: `encode_text(tok, "2+2=")`.
+    """
+    bos = tokenizer.bos_token_id
+    prefix = bos if bos is not None else tokenizer.eos_token_id
+    prefix_text = tokenizer.decode(prefix) if prefix is not None else ""
+    if prefix_text and text.startswith(prefix_text):
+        return tokenizer(text, add_special_tokens=False).input_ids
+    if add_bos_token is None:
+        return tokenizer(text).input_ids
+    ids = tokenizer(text, add_special_tokens=add_bos_token).input_ids
+    if add_bos_token and bos is not None and ids[:1] != [bos]:
+        ids = [bos, *ids]
+    return ids
+
+
+def encode_pair(
+    tokenizer, context: str, continuation: str, limit: int, *, add_bos_token: bool | None = None
+) -> tuple[list[int], list[int]]:
+    """Tokenise a (context, continuation) pair exactly as lm-evaluation-harness's HFLM does.
 
     Trailing whitespace of the context moves to the continuation; the continuation's tokens are those of
-    `context + continuation` after the context's tokens, so BPE merges across the boundary are respected. An empty
-    context becomes the bos (else eos) token; too long a pair loses context from the left.
+    `context + continuation` after the context's tokens, so BPE merges across the boundary are respected. Special
+    tokens are those of `encode_text` (by default only what the tokenizer itself adds: no bos for OLMoE or Qwen).
+    An empty context becomes the bos (else eos) token, unless the continuation already starts with it. A pair
+    longer than `limit + 1` tokens loses context from the left (the last token is never fed, see `loglikelihoods`).
 
     Example: `encode_pair(tok, "2+2=", "4", 256)`.
     """
+    if not context:
+        cont = tokenizer(continuation, add_special_tokens=False).input_ids
+        prefix = prefix_token_id(tokenizer)
+        ctx, cont = ([prefix], cont) if cont[:1] != [prefix] else (cont[:1], cont[1:])
+        if not cont:
+            raise ValueError(f"`continuation` {continuation!r} leaves nothing to score after an empty context")
+        return truncate(ctx, cont, limit)
     spaces = len(context) - len(context.rstrip())
     if spaces:
         continuation = context[-spaces:] + continuation
         context = context[:-spaces]
-    whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
-    ctx = tokenizer(context, add_special_tokens=False).input_ids
+    whole = encode_text(tokenizer, context + continuation, add_bos_token=add_bos_token)
+    ctx = encode_text(tokenizer, context, add_bos_token=add_bos_token)
     cont = whole[len(ctx) :]
     if not cont:
         raise ValueError(f"continuation {continuation!r} tokenises to nothing after context {context[-40:]!r}")
-    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if not ctx or (prefix is not None and ctx[0] != prefix):
-        ctx = ([prefix] if prefix is not None else []) + ctx
-    if not ctx:
-        raise ValueError("the tokenizer has no bos or eos token to stand in for an empty context")
-    return truncate(ctx, cont, limit)
+    # a whitespace-only context is empty once stripped; lm-eval fails there, we condition on the prefix token
+    return truncate(ctx or [prefix_token_id(tokenizer)], cont, limit)
 
 
 def truncate(ctx: list[int], cont: list[int], limit: int) -> tuple[list[int], list[int]]:
-    """Drop context tokens from the left (and, if still too long, continuation tokens from the right).
+    """Fit a pair into `limit` fed tokens: drop context from the left, then continuation from the right.
 
-    Example: `truncate([1, 2, 3], [4], 3) == ([2, 3], [4])`.
+    The pair may hold `limit + 1` tokens, since the last continuation token is only a target, never an input (as
+    in lm-evaluation-harness); at least one context token always stays.
+
+    Example: `truncate([1, 2, 3], [4], 3) == ([1, 2, 3], [4])`.
     """
-    if len(cont) >= limit:
-        cont = cont[: limit - 1]
-    keep = limit - len(cont)
+    if len(cont) > limit:
+        cont = cont[:limit]
+    keep = limit + 1 - len(cont)
     return ctx[-keep:], cont
 
 
@@ -121,7 +164,8 @@ def loglikelihoods(
     results: list[Scored | None] = [None] * len(requests)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        rows = [requests[i][0] + requests[i][1] for i in chunk]
+        # the last continuation token is a target only: feeding it would cost a position and change nothing
+        rows = [requests[i][0] + requests[i][1][:-1] for i in chunk]
         width = max(len(r) for r in rows)
         ids_BT = torch.full((len(rows), width), pad, dtype=torch.long)
         mask_BT = torch.zeros((len(rows), width), dtype=torch.long)
@@ -194,7 +238,7 @@ def generate(
         raise ValueError(
             f"`max_new_tokens`={max_new_tokens} leaves no room for a prompt (max length {room + max_new_tokens})"
         )
-    encoded = [tokenizer(p, add_special_tokens=True).input_ids[-room:] for p in prompts]
+    encoded = [encode_text(tokenizer, p)[-room:] for p in prompts]
     pad = pad_id(tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     outputs: list[str] = [""] * len(prompts)
