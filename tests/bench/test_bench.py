@@ -45,7 +45,7 @@ def test_bench_reports_decode_prefill_mixed_and_train_with_identical_mixed_outpu
     rendered = markdown({**results, "targets": targets})  # what docs/performance.md's tables come from
     separators = [line for line in rendered.splitlines() if line.startswith("|---|")]
     assert len(separators) == 4  # decode, prefill, mixed and training tables
-    assert "| decode |" in rendered and "| 4 | 2 |" in rendered and "Project targets" in rendered
+    assert "| decode |" in rendered and "| 4 | 2 |" in rendered and "Targets as checked" in rendered
 
 
 def test_bench_compile_compiles_each_shape_untimed_before_timing_it(monkeypatch):

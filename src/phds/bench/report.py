@@ -104,5 +104,5 @@ def markdown(results: dict) -> str:
     # "goals" is what runs before the targets moved out of the harness called them.
     targets = results.get("targets", results.get("goals"))
     if targets is not None:
-        lines.append(f"Project targets as checked on the run: `{json.dumps(targets)}`\n")
+        lines.append(f"Targets as checked on the run: `{json.dumps(targets)}`\n")
     return "\n".join(lines)
