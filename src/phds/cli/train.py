@@ -50,14 +50,14 @@ def train_command(
     completion_column: str | None = typer.Option(None, "--completion-column", help="Column used as the completion."),
     text_column: str = typer.Option("text", "--text-column", help="Column of plain text for language modelling."),
     max_steps: int = typer.Option(-1, "--max-steps", help="Optimizer steps; -1 runs --epochs epochs."),
-    epochs: float = typer.Option(1.0, "--epochs", help="Epochs when --max-steps is -1."),
+    epochs: float = typer.Option(3.0, "--epochs", help="Epochs when --max-steps is -1."),
     learning_rate: float = typer.Option(2e-5, "--lr", help="Peak learning rate."),
     batch_size: int = typer.Option(8, "--batch-size", help="Rows per device per micro-batch."),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step (all at the same k)."),
     max_length: int = typer.Option(1024, "--max-length", help="Maximum tokens per sequence."),
     packing: bool = typer.Option(False, "--packing/--no-packing", help="Pack rows into --max-length blocks."),
     warmup_steps: float = typer.Option(
-        0.03, "--warmup-steps", help="Learning-rate warm-up steps (< 1: fraction of the run)."
+        0.0, "--warmup-steps", help="Learning-rate warm-up steps (< 1: fraction of the run)."
     ),
     eval_steps: float = typer.Option(0.1, "--eval-steps", help="Evaluate every N steps (< 1: fraction of the run)."),
     save_steps: float = typer.Option(0.1, "--save-steps", help="Resumable checkpoint every N steps (< 1: fraction)."),
@@ -96,7 +96,7 @@ def train_command(
     bf16: bool | None = typer.Option(
         None, "--bf16/--no-bf16", help="bfloat16 mixed precision. [default: on with a bf16 GPU]"
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed of the data order, initialisation and k schedule."),
+    seed: int = typer.Option(42, "--seed", help="Seed of the data order, initialisation and k schedule."),
     logging_steps: int = typer.Option(10, "--logging-steps", help="Log every N steps."),
     report_to: str | None = typer.Option(
         None, "--report-to", help="Trackers, e.g. 'tensorboard,wandb' or 'none'. [default: TensorBoard if installed]"
