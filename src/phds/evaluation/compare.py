@@ -80,70 +80,13 @@ def compare(
     taken: set[str] = set()
     names = list(labels) if labels is not None else [_label(r, taken) for r in loaded]
     ref = next((i for i, r in enumerate(loaded) if r["method"] == "phds"), 0)
-    reference = loaded[ref]
-
-    table: dict[str, list[dict[str, Any]]] = {}
-    for task_name in dict.fromkeys(t for r in loaded for t in r["tasks"]):
-        ks = sorted({int(k) for r in loaded if task_name in r["tasks"] for k in r["tasks"][task_name]["metrics"]})
-        rows = []
-        for k in ks:
-            key = str(k)
-            values, diffs = {}, {}
-            for name, r in zip(names, loaded, strict=True):
-                task = r["tasks"].get(task_name)
-                values[name] = task["metrics"][key][task["primary"]] if task and key in task["metrics"] else None
-                if r is not reference and task is not None and task_name in reference["tasks"]:
-                    diffs[name] = _diff(task, reference["tasks"][task_name], key, key, seed)
-            rows.append({"k": k, "values": values, "diffs": diffs})
-        table[task_name] = rows
-
-    oracle_rows = []
-    for name, r in zip(names, loaded, strict=True):
-        k0 = _oracle_k(r)
-        if k0 is None or r is reference:
-            continue
-        for task_name, task in r["tasks"].items():
-            ref_task = reference["tasks"].get(task_name)
-            if ref_task is None or str(k0) not in ref_task["metrics"] or str(k0) not in task["metrics"]:
-                continue
-            oracle_rows.append(
-                {
-                    "task": task_name,
-                    "k": k0,
-                    "oracle": name,
-                    "metric": task["primary"],
-                    "phds": ref_task["metrics"][str(k0)][task["primary"]],
-                    "oracle_value": task["metrics"][str(k0)][task["primary"]],
-                    "diff": _diff(ref_task, task, str(k0), str(k0), seed),
-                }
-            )
-
-    oracles = {_oracle_k(r): r for r in loaded if _oracle_k(r) is not None}
-    agreement_rows = []
-    for task_name, ref_task in reference["tasks"].items():
-        agree = ref_task["agreement"]
-        ks = agree["ks"]
-        for i, k in enumerate(ks):
-            for j in range(i + 1, len(ks)):
-                k2 = ks[j]
-                row = {"task": task_name, "k": k, "k2": k2, "phds": agree["matrix"][i][j], "oracles": None}
-                a, b = oracles.get(k), oracles.get(k2)
-                if a is not None and b is not None and task_name in a["tasks"] and task_name in b["tasks"]:
-                    ta, tb = a["tasks"][task_name], b["tasks"][task_name]
-                    if ta["digest"] == tb["digest"] and str(k) in ta["items"] and str(k2) in tb["items"]:
-                        row["oracles"] = agreement(
-                            ta["items"][str(k)]["prediction"],
-                            tb["items"][str(k2)]["prediction"],
-                            positionwise=ta["kind"] == "perplexity",
-                        )
-                agreement_rows.append(row)
-
+    named = list(zip(names, loaded, strict=True))
     out = {
         "models": names,
         "reference": names[ref],
-        "tasks": table,
-        "oracle_vs_phds": oracle_rows,
-        "agreement": agreement_rows,
+        "tasks": _metric_rows(named, loaded[ref], seed),
+        "oracle_vs_phds": _oracle_rows(named, loaded[ref], seed),
+        "agreement": _agreement_rows(loaded, loaded[ref]),
         "seed": seed,
     }
     if out_dir is not None:
@@ -153,6 +96,88 @@ def compare(
         (path / "compare.md").write_text(markdown_compare(out, loaded))
         plot_frontier(loaded, path / "frontier.png", labels=names)
     return out
+
+
+def _metric_rows(named: list[tuple[str, dict]], reference: dict, seed: int) -> dict[str, list[dict[str, Any]]]:
+    """Per task, one row per k any model was evaluated at: each model's primary metric and its paired difference to
+    the reference (None where the two were not evaluated on the same items)."""
+    table: dict[str, list[dict[str, Any]]] = {}
+    for task_name in dict.fromkeys(t for _, r in named for t in r["tasks"]):
+        evaluated = [r["tasks"][task_name] for _, r in named if task_name in r["tasks"]]
+        ks = sorted({int(k) for task in evaluated for k in task["metrics"]})
+        ref_task = reference["tasks"].get(task_name)
+        rows = []
+        for key in map(str, ks):
+            values, diffs = {}, {}
+            for name, r in named:
+                task = r["tasks"].get(task_name)
+                values[name] = task["metrics"][key][task["primary"]] if task and key in task["metrics"] else None
+                if r is not reference and task is not None and ref_task is not None:
+                    diffs[name] = _diff(task, ref_task, key, key, seed)
+            rows.append({"k": int(key), "values": values, "diffs": diffs})
+        table[task_name] = rows
+    return table
+
+
+def _oracle_rows(named: list[tuple[str, dict]], reference: dict, seed: int) -> list[dict[str, Any]]:
+    """The reference against each oracle at the oracle's own k, per task both were evaluated on at that k."""
+    rows = []
+    for name, r in named:
+        k0 = _oracle_k(r)
+        if k0 is None or r is reference:
+            continue
+        key = str(k0)
+        for task_name, task in r["tasks"].items():
+            ref_task = reference["tasks"].get(task_name)
+            if ref_task is None or key not in ref_task["metrics"] or key not in task["metrics"]:
+                continue
+            rows.append(
+                {
+                    "task": task_name,
+                    "k": k0,
+                    "oracle": name,
+                    "metric": task["primary"],
+                    "phds": ref_task["metrics"][key][task["primary"]],
+                    "oracle_value": task["metrics"][key][task["primary"]],
+                    "diff": _diff(ref_task, task, key, key, seed),
+                }
+            )
+    return rows
+
+
+def _agreement_rows(loaded: Sequence[dict], reference: dict) -> list[dict[str, Any]]:
+    """Per task and pair k < k': the reference's agreement between its answers at k and k', and, when oracles at
+    both ks answered the same items, the agreement between oracle-k (at k) and oracle-k' (at k')."""
+    oracles = {_oracle_k(r): r for r in loaded if _oracle_k(r) is not None}
+    rows = []
+    for task_name, ref_task in reference["tasks"].items():
+        agree = ref_task["agreement"]
+        ks = agree["ks"]
+        for i, k in enumerate(ks):
+            for j in range(i + 1, len(ks)):
+                rows.append(
+                    {
+                        "task": task_name,
+                        "k": k,
+                        "k2": ks[j],
+                        "phds": agree["matrix"][i][j],
+                        "oracles": _oracle_agreement(oracles.get(k), oracles.get(ks[j]), task_name, k, ks[j]),
+                    }
+                )
+    return rows
+
+
+def _oracle_agreement(a: dict | None, b: dict | None, task_name: str, k: int, k2: int) -> float | None:
+    """Agreement of oracle `a` at `k` with oracle `b` at `k2` on `task_name`; None unless both answered the same
+    items there."""
+    if a is None or b is None or task_name not in a["tasks"] or task_name not in b["tasks"]:
+        return None
+    ta, tb = a["tasks"][task_name], b["tasks"][task_name]
+    if ta["digest"] != tb["digest"] or str(k) not in ta["items"] or str(k2) not in tb["items"]:
+        return None
+    return agreement(
+        ta["items"][str(k)]["prediction"], tb["items"][str(k2)]["prediction"], positionwise=ta["kind"] == "perplexity"
+    )
 
 
 def markdown_compare(out: dict[str, Any], loaded: Sequence[dict[str, Any]]) -> str:

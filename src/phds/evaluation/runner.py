@@ -24,7 +24,7 @@ from phds.evaluation.agreement import agreement_matrix
 from phds.evaluation.latency import LatencyConfig, measure_latency
 from phds.evaluation.metrics import METRICS, METRICS_OF, PRIMARY, last_number, summarise
 from phds.evaluation.prompts import ItemRequests, build_requests
-from phds.evaluation.tasks import Task, load_tasks, normalise_number
+from phds.evaluation.tasks import GENERATION_KINDS, Task, load_tasks, normalise_number
 from phds.loading import load, sidecar_of
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def _versions() -> dict[str, str]:
 class _Prepared:
     """A task's requests, tokenised once and reused at every k."""
 
-    def __init__(self, task: Task, tokenizer, model, *, limit, num_fewshot, seed, max_len, ppl_stride):
+    def __init__(self, task: Task, tokenizer, *, limit, num_fewshot, seed, max_len, ppl_stride):
         self.task = task
         self.count = len(task.items) if limit is None else min(limit, len(task.items))
         self.items: list[ItemRequests] = []
@@ -224,6 +224,80 @@ def evaluate(
 
     Example: `phds.evaluation.evaluate("tiny:olmoe", [1, 2, 4], ["copa"], limit=20, out_dir="eval-out")`.
     """
+    # plan: every argument checked, the model loaded and the ks settled before any forward
+    plan = _plan(
+        model,
+        ks,
+        tasks,
+        tokenizer=tokenizer,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        latency=latency,
+        max_length=max_length,
+        device=device,
+    )
+    # build: each task's requests, tokenised once and reused at every k
+    prepared = [
+        _Prepared(
+            task,
+            plan.tokenizer,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            seed=seed,
+            max_len=plan.max_len,
+            ppl_stride=ppl_stride,
+        )
+        for task in plan.tasks
+    ]
+    # run: one pass per k
+    per_k, records, latency_table = _run(
+        plan, prepared, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress
+    )
+    # finish: metrics with CIs, agreement across k, and the files
+    results = _assemble(
+        prepared,
+        per_k,
+        plan.ks,
+        latency_table,
+        model=plan.model,
+        sidecar=plan.sidecar,
+        name=model_name or plan.name or getattr(plan.model, "name_or_path", None) or type(plan.model).__name__,
+        settings=dict(
+            limit=limit,
+            num_fewshot=num_fewshot,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            max_length=plan.max_len,
+        ),
+    )
+    if out_dir is not None:
+        from phds.evaluation.report import write_outputs
+
+        write_outputs(results, records, out_dir)
+    return results
+
+
+@dataclasses.dataclass
+class _Plan:
+    """What `evaluate` runs, resolved and validated before any model call."""
+
+    model: Any
+    tokenizer: Any
+    name: str | None  # the path or hub name the model was loaded from
+    sidecar: Any
+    ks: list[int]
+    tasks: list[Task]
+    max_len: int
+    latency: LatencyConfig | None
+
+
+def _plan(
+    model, ks, tasks, *, tokenizer, limit, num_fewshot, batch_size, max_new_tokens, latency, max_length, device
+) -> _Plan:
+    """Check the arguments, load the tasks and the model, and settle the ks, the sequence cap and latency."""
     for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
         if value < 1:
             raise ValueError(f"`{name}` must be >= 1, got {value}")
@@ -235,7 +309,7 @@ def evaluate(
     model, tokenizer, loaded_name = resolve_model(model, tokenizer, device)
     if tokenizer is None:
         raise ValueError("`tokenizer` is required: the model came without one")
-    layers = dial.moe_layers(model)
+    layers = dial.moe_layers(model)  # raises for a model without MoE layers
     sidecar = sidecar_of(model)
     if ks is None:
         ks = sidecar.ks if sidecar is not None else [layers[0].k_pre]
@@ -248,84 +322,75 @@ def evaluate(
             log = logger.warning if sidecar.method == "phds" else logger.info
             log("ks %s are not among the checkpoint's declared ks %s", undeclared, sidecar.ks)
     max_len = scoring.max_length(model, max_length)
-    prepared = [
-        _Prepared(
-            t,
-            tokenizer,
-            model,
-            limit=limit,
-            num_fewshot=num_fewshot,
-            seed=seed,
-            max_len=max_len,
-            ppl_stride=ppl_stride,
-        )
-        for t in task_list
-    ]
     latency_config = latency if isinstance(latency, LatencyConfig) else (LatencyConfig() if latency else None)
     if latency_config is not None:
         # a copy, so the caller's config is not changed
         fitted = max(1, min(latency_config.prompt_tokens, max_len - latency_config.new_tokens - 1))
         latency_config = dataclasses.replace(latency_config, prompt_tokens=fitted)
+    return _Plan(
+        model=model,
+        tokenizer=tokenizer,
+        name=loaded_name,
+        sidecar=sidecar,
+        ks=ks,
+        tasks=task_list,
+        max_len=max_len,
+        latency=latency_config,
+    )
 
-    pad = scoring.pad_id(tokenizer)
-    per_k: dict[int, dict[str, dict]] = {k: {} for k in ks}
+
+def _run(
+    plan: _Plan, prepared: list[_Prepared], *, batch_size: int, max_new_tokens: int, progress: bool
+) -> tuple[dict[int, dict[str, dict]], list[dict], dict[str, dict]]:
+    """One pass per k over every task (and latency at that k): per-k metric columns, per-item records, latency."""
+    model, pad = plan.model, scoring.pad_id(plan.tokenizer)
+    per_k: dict[int, dict[str, dict]] = {k: {} for k in plan.ks}
     records: list[dict] = []
     latency_table: dict[str, dict] = {}
-    total = len(ks) * sum(p.units for p in prepared)
+    total = len(plan.ks) * sum(p.units for p in prepared)
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), disable=not progress
     ) as bar:
         job = bar.add_task("eval", total=total)
-        for k in ks:
+        for k in plan.ks:
             with dial.sparsity(model, k):
                 for prep in prepared:
                     bar.update(job, description=f"k={k} {prep.task.name}")
-                    advance = lambda n: bar.advance(job, n)  # noqa: E731
-                    if prep.task.kind in ("gsm8k", "exact_match"):
-                        texts = scoring.generate(
-                            model,
-                            tokenizer,
-                            [i.prompt for i in prep.items],
-                            max_new_tokens=max_new_tokens,
-                            stops=prep.items[0].stops,
-                            batch_size=batch_size,
-                            limit=max_len,
-                            on_batch=advance,
-                        )
-                        columns, recs = _score_generation(prep, texts, k)
-                    else:
-                        scored = scoring.loglikelihoods(
-                            model, prep.token_requests, batch_size=batch_size, pad=pad, on_batch=advance
-                        )
-                        columns, recs = _score_ll(prep, scored, k)
+                    columns, recs = _score_task(
+                        plan,
+                        prep,
+                        k,
+                        batch_size=batch_size,
+                        max_new_tokens=max_new_tokens,
+                        pad=pad,
+                        advance=lambda n: bar.advance(job, n),
+                    )
                     per_k[k][prep.task.name] = columns
                     records.extend(recs)
-            if latency_config is not None:
+            if plan.latency is not None:
                 bar.update(job, description=f"k={k} latency")
-                latency_table[str(k)] = measure_latency(model, k, latency_config)
+                latency_table[str(k)] = measure_latency(model, k, plan.latency)
+    return per_k, records, latency_table
 
-    results = _assemble(
-        prepared,
-        per_k,
-        ks,
-        latency_table,
-        model=model,
-        sidecar=sidecar,
-        name=model_name or loaded_name or getattr(model, "name_or_path", None) or type(model).__name__,
-        settings=dict(
-            limit=limit,
-            num_fewshot=num_fewshot,
-            batch_size=batch_size,
+
+def _score_task(
+    plan: _Plan, prep: _Prepared, k: int, *, batch_size: int, max_new_tokens: int, pad: int, advance
+) -> tuple[dict, list[dict]]:
+    """Score one task at the k the model is dialled to: greedy generations or log-likelihoods."""
+    if prep.task.kind in GENERATION_KINDS:
+        texts = scoring.generate(
+            plan.model,
+            plan.tokenizer,
+            [i.prompt for i in prep.items],
             max_new_tokens=max_new_tokens,
-            seed=seed,
-            max_length=max_len,
-        ),
-    )
-    if out_dir is not None:
-        from phds.evaluation.report import write_outputs
-
-        write_outputs(results, records, out_dir)
-    return results
+            stops=prep.items[0].stops,
+            batch_size=batch_size,
+            limit=plan.max_len,
+            on_batch=advance,
+        )
+        return _score_generation(prep, texts, k)
+    scored = scoring.loglikelihoods(plan.model, prep.token_requests, batch_size=batch_size, pad=pad, on_batch=advance)
+    return _score_ll(prep, scored, k)
 
 
 def _assemble(prepared, per_k, ks, latency_table, *, model, sidecar, name, settings) -> dict[str, Any]:
