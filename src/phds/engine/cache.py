@@ -132,19 +132,19 @@ def attention_masks(
     device = begin_B.device
     query_QB = begin_B.unsqueeze(0) + torch.arange(num_new, device=device).unsqueeze(1)  # position of each new token
     query_BQ1 = query_QB.T.unsqueeze(-1)
-    key_1S = torch.arange(span, device=device).view(1, 1, span)
-    visible_BQS = (key_1S <= query_BQ1) & (key_1S < lengths_B.view(-1, 1, 1))
+    key_1L = torch.arange(span, device=device).view(1, 1, span)
+    visible_BQL = (key_1L <= query_BQ1) & (key_1L < lengths_B.view(-1, 1, 1))
     window = getattr(config, "sliding_window", None)
-    sliding_BQS = visible_BQS & (key_1S > query_BQ1 - window) if window else visible_BQS
+    sliding_BQL = visible_BQL & (key_1L > query_BQ1 - window) if window else visible_BQL
 
-    def encode(mask_BQS: torch.Tensor) -> torch.Tensor:
-        mask = mask_BQS.unsqueeze(1)
+    def encode(mask_BQL: torch.Tensor) -> torch.Tensor:
+        mask = mask_BQL.unsqueeze(1)
         if config._attn_implementation == "eager":
             return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
         return mask
 
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
-        return {kind: encode(sliding_BQS if kind == "sliding_attention" else visible_BQS) for kind in set(layer_types)}
+        return {kind: encode(sliding_BQL if kind == "sliding_attention" else visible_BQL) for kind in set(layer_types)}
     use_window = window and getattr(config, "use_sliding_window", True)
-    return encode(sliding_BQS if use_window else visible_BQS)
+    return encode(sliding_BQL if use_window else visible_BQL)

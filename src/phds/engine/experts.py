@@ -1,6 +1,6 @@
 """The "phds" experts implementation: compute only the (token, expert) pairs whose routing weight is non-zero.
 
-Shape suffixes: T tokens, K routed slots per token (the router's top-k), S kept (token, expert) pairs, D hidden,
+Shape suffixes: T tokens, K routed slots per token (the router's top-k), P kept (token, expert) pairs, D hidden,
 I expert intermediate, E experts.
 
 The dial hands per-row / per-token k to the experts as a top-`k_max` routing whose dropped slots weigh exactly 0.
@@ -39,31 +39,31 @@ def _up_weights(experts: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | 
     return experts.up_proj, (experts.up_proj_bias if experts.has_bias else None)
 
 
-def _activate(experts: torch.nn.Module, up_SI: torch.Tensor) -> torch.Tensor:
-    return experts._apply_gate(up_SI) if experts.has_gate else experts.act_fn(up_SI)
+def _activate(experts: torch.nn.Module, up_PI: torch.Tensor) -> torch.Tensor:
+    return experts._apply_gate(up_PI) if experts.has_gate else experts.act_fn(up_PI)
 
 
-def _grouped_linear(x_SD: torch.Tensor, weight_EXY: torch.Tensor, offsets_E: torch.Tensor, transposed: bool):
-    """Rows of `x_SD` sorted by expert times their expert's weight; `offsets_E` are cumulative row counts."""
+def _grouped_linear(x_PD: torch.Tensor, weight_EXY: torch.Tensor, offsets_E: torch.Tensor, transposed: bool):
+    """Rows of `x_PD` sorted by expert times their expert's weight; `offsets_E` are cumulative row counts."""
     weight = weight_EXY if transposed else weight_EXY.transpose(-2, -1)
     # transformers' dispatcher: torch's grouped_mm kernel where the device/dtype has one, else its looped
     # fallback op (both with autograd).
-    return hf_moe._grouped_mm(x_SD.contiguous(), weight, offs=offsets_E)
+    return hf_moe._grouped_mm(x_PD.contiguous(), weight, offs=offsets_E)
 
 
-def _pairs_grouped(experts, x_SD, expert_S, num_experts: int) -> torch.Tensor:
+def _pairs_grouped(experts, x_PD, expert_P, num_experts: int) -> torch.Tensor:
     """Expert outputs for pairs sorted by expert, via two grouped matmuls."""
-    counts_E = torch.bincount(expert_S, minlength=num_experts)
+    counts_E = torch.bincount(expert_P, minlength=num_experts)
     offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
     up_weight, up_bias = _up_weights(experts)
-    up_SI = _grouped_linear(x_SD, up_weight, offsets_E, experts.is_transposed)
+    up_PI = _grouped_linear(x_PD, up_weight, offsets_E, experts.is_transposed)
     if up_bias is not None:
-        up_SI = up_SI + up_bias[expert_S]
-    h_SI = _activate(experts, up_SI)
-    out_SD = _grouped_linear(h_SI, experts.down_proj, offsets_E, experts.is_transposed)
+        up_PI = up_PI + up_bias[expert_P]
+    h_PI = _activate(experts, up_PI)
+    out_PD = _grouped_linear(h_PI, experts.down_proj, offsets_E, experts.is_transposed)
     if experts.has_bias:
-        out_SD = out_SD + experts.down_proj_bias[expert_S]
-    return out_SD
+        out_PD = out_PD + experts.down_proj_bias[expert_P]
+    return out_PD
 
 
 def _expert_mlp(experts, x_nD: torch.Tensor, e: int) -> torch.Tensor:
@@ -203,22 +203,22 @@ def _sparse_forward(
         keep_TK = weights_TK != 0
         if self._is_expert_parallel:
             keep_TK &= expert_TK < self.num_experts
-        slot_S = keep_TK.reshape(-1).nonzero().squeeze(-1)
-        expert_S, order_S = torch.sort(expert_TK.reshape(-1)[slot_S], stable=True)
-        slot_S = slot_S[order_S]
-        token_S = torch.div(slot_S, num_slots, rounding_mode="floor")
-    if slot_S.numel() == 0:
+        slot_P = keep_TK.reshape(-1).nonzero().squeeze(-1)
+        expert_P, order_P = torch.sort(expert_TK.reshape(-1)[slot_P], stable=True)
+        slot_P = slot_P[order_P]
+        token_P = torch.div(slot_P, num_slots, rounding_mode="floor")
+    if slot_P.numel() == 0:
         return hidden_states.new_zeros(num_tokens, hidden_dim)
-    y_SD = _pairs_grouped(self, hidden_states[token_S], expert_S, self.num_experts)
+    y_PD = _pairs_grouped(self, hidden_states[token_P], expert_P, self.num_experts)
     if self.has_post_expert_norm:
-        y_SD = self.post_expert_norm(y_SD)
-    y_SD = y_SD * weights_TK.reshape(-1)[slot_S].unsqueeze(-1).to(y_SD.dtype)
+        y_PD = self.post_expert_norm(y_PD)
+    y_PD = y_PD * weights_TK.reshape(-1)[slot_P].unsqueeze(-1).to(y_PD.dtype)
     # Scatter into a (T*K, D) buffer and sum over K: deterministic, and unlike `index_add` (which the eager
     # experts use) it has no parallel path that stalls for milliseconds when the other cores are busy.
-    slots_SD = hidden_states.new_zeros(num_tokens * num_slots, hidden_dim).index_copy_(
-        0, slot_S, y_SD.to(hidden_states.dtype)
+    slots_TKD = hidden_states.new_zeros(num_tokens * num_slots, hidden_dim).index_copy_(
+        0, slot_P, y_PD.to(hidden_states.dtype)
     )
-    return slots_SD.view(num_tokens, num_slots, hidden_dim).sum(dim=1)
+    return slots_TKD.view(num_tokens, num_slots, hidden_dim).sum(dim=1)
 
 
 def register() -> None:
