@@ -292,6 +292,7 @@ def test_every_shipped_experts_implementation_honours_the_dial(implementation, i
     torch.testing.assert_close(mixed[2], reference[1][2], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_torch_compile_follows_the_dial(input_ids):
     model = phds.tiny_model("olmoe")
     reference = {k: _logits(twin_at_k(model, "olmoe", k), input_ids) for k in (1, 2)}

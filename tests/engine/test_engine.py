@@ -145,12 +145,13 @@ def test_compile_compiles_only_the_decode_forward(monkeypatch):
     assert compiled[1:] == [torch.Size([1, 1])] * 3  # the 3 decode steps; the prefill ran uncompiled
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not any(shutil.which(compiler) for compiler in ("g++", "c++", "clang++")), reason="inductor needs a C++ compiler"
 )
 def test_compiled_decode_is_one_graph_per_k_and_matches_the_eager_engine():
-    """A real torch.compile (about 15 s): one token's experts are gathered in the graph, a batch's run as an opaque
-    op, so nothing breaks the graph."""
+    """A real torch.compile (tens of seconds on 2 CPU cores): one token's experts are gathered in the graph, a
+    batch's run as an opaque op, so nothing breaks the graph."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     model = phds.tiny_model("olmoe")

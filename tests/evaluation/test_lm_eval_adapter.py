@@ -90,6 +90,7 @@ def test_bad_k_is_rejected(offline_setup):
         PHDSLM(pretrained=str(offline_setup / "ckpt"), k=9, device="cpu")
 
 
+@pytest.mark.slow  # lm-eval's command line indexes every task it ships before running ours
 def test_phds_lm_eval_forwards_to_the_lm_eval_command_line(offline_setup, tmp_path):
     from phds.cli import app
 
