@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -13,6 +14,8 @@ import pytest
 from phds.serving.server import free_port
 
 from .conftest import MODEL_NAME, wait_until
+
+DRAIN_TIMEOUT_S = 6
 
 
 def _up(url: str) -> bool:
@@ -22,6 +25,7 @@ def _up(url: str) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_sigterm_drains_a_short_request_cuts_a_long_one_at_the_bound_and_exits(checkpoint, tmp_path):
     port = free_port()
     command = [
@@ -35,7 +39,7 @@ def test_sigterm_drains_a_short_request_cuts_a_long_one_at_the_bound_and_exits(c
         "--max-model-len",
         "32768",
         "--drain-timeout-s",
-        "6",
+        str(DRAIN_TIMEOUT_S),
     ]
     log = tmp_path / "serve.log"
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
@@ -53,6 +57,7 @@ def test_sigterm_drains_a_short_request_cuts_a_long_one_at_the_bound_and_exits(c
             short_lines, long_lines = short.__enter__().iter_lines(), long.__enter__().iter_lines()
             assert next(short_lines).startswith("data: ") and next(long_lines).startswith("data: ")
             process.send_signal(signal.SIGTERM)
+            signalled_at = time.monotonic()
 
             received = [line for line in short_lines if line]
             assert received[-1] == "data: [DONE]", received  # the short request was allowed to finish
@@ -63,11 +68,12 @@ def test_sigterm_drains_a_short_request_cuts_a_long_one_at_the_bound_and_exits(c
             with pytest.raises(httpx.HTTPError):  # the long one is cancelled at the drain bound: the stream breaks
                 for line in long_lines:
                     cut.append(line)
-            assert "data: [DONE]" not in cut and len(cut) < 2 * 30000
+            assert time.monotonic() - signalled_at >= DRAIN_TIMEOUT_S - 0.5, (
+                "the long request was cut before the drain bound"
+            )
+            assert "data: [DONE]" not in cut and any(line.startswith('data: {"') for line in cut), cut[-5:]
             short.__exit__(None, None, None)
         assert process.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
-        with pytest.raises(httpx.ConnectError):
-            httpx.get(f"{base}/health")
     finally:
         if process.poll() is None:
             process.kill()
