@@ -1,4 +1,4 @@
-"""The demo pipeline at a very small size: every stage writes its documented files; a re-run reuses them."""
+"""`phds demo`: the built-in spec is a multi-seed experiment with every baseline arm; a tiny run of it end to end."""
 
 from __future__ import annotations
 
@@ -7,63 +7,94 @@ import json
 import pytest
 
 import phds
-from phds.demo import DemoConfig, run_demo
+from phds.demo import demo_spec, run_demo
 
-TINY = dict(
-    n_pretrain=300,
-    n_sft=48,
-    n_eval=12,
-    pretrain_steps=3,
-    sft_steps=2,
-    ks=[2, 4],
-    anchor_k=2,
-    batch_size=8,
-    num_experts=8,
-    hidden_size=32,
-    expert_size=32,
-    latency=False,
-    max_new_tokens=4,
-)
+TINY = {
+    "ks": [2, 4],
+    "seeds": [0, 1],
+    "base": {
+        "pretrain": {
+            "steps": 3,
+            "batch_size": 8,
+            "model": {"num_experts": 8, "hidden_size": 32, "intermediate_size": 32},
+        }
+    },
+    "data": {"options": {"n_pretrain": 300, "n_sft": 48, "n_eval": 12}},
+    "training": {
+        "max_steps": 2,
+        "eval_steps": 2,
+        "save_steps": 2,
+        "per_device_train_batch_size": 8,
+        "warmup_steps": 0,
+    },
+    "evaluation": {"max_new_tokens": 4},
+    "arms": [
+        {"kind": "phds", "anchor_k": 2},
+        {"kind": "sft-dialled"},
+        {"kind": "base-dialled", "tasks": ["{out}/data/base_mc.jsonl", "{out}/data/base_em.jsonl"]},
+    ],
+}
+
+
+def test_the_default_demo_runs_every_arm_at_three_seeds_with_a_declared_margin(tmp_path):
+    spec = demo_spec(tmp_path)
+    assert len(spec.seeds) >= 3 and max(spec.seeds) < 1000  # seeds >= 1000 are for tuning, never reported
+    kinds = {arm.kind for arm in spec.arms}
+    assert kinds == {"phds", "oracle", "sft-dialled", "base-dialled"}
+    assert [arm.k for arm in spec.arms if arm.kind == "oracle"] == spec.ks
+    assert spec.checkpoint == "final" and spec.margin_of("exact_match") > 0 and spec.margin_of("acc_norm") > 0
+    quick = demo_spec(tmp_path, quick=True)
+    assert len(quick.seeds) == 2 and "indicative" in quick.description
+    assert quick.training["max_steps"] < spec.training["max_steps"]
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     said: list[str] = []
-    first = run_demo(out, DemoConfig(**TINY), say=said.append)
+    first = run_demo(out, overrides=TINY, jobs=1, say=said.append)
     return out, first, said
 
 
 def test_every_stage_writes_its_documented_files(demo_run):
     out, first, said = demo_run
-    for name in ("pretrain.txt", "sft_train.jsonl", "sft_valid.jsonl", "eval_mc.jsonl", "eval_em.jsonl"):
+    for name in ("pretrain.txt", "sft_train.jsonl", "sft_valid.jsonl", "eval_mc.jsonl", "base_em.jsonl"):
         assert (out / "data" / name).is_file()
     assert phds.read_sidecar(out / "base" / "model").method == "base"
-    assert (out / "sweep" / "results.json").is_file()
-    assert sorted(json.loads((out / "sweep" / "results.json").read_text())["ks"]) == [1, 2, 3, 4]
-    for name, method, ks in (("oracle-k2", "oracle", [2]), ("oracle-k4", "oracle", [4]), ("phds", "phds", [2, 4])):
-        sidecar = phds.read_sidecar(out / "sft" / name / "model")
-        assert (sidecar.method, sidecar.ks) == (method, ks)
-        results = json.loads((out / "eval" / name / "results.json").read_text())
-        assert set(results["tasks"]) == {"eval_mc", "eval_em"}
-        assert (out / "eval" / name / "predictions.jsonl").is_file()
-    assert (out / "compare" / "compare.json").is_file()
-    report = (out / "report.md").read_text()
-    assert "## Summary" in report and "Where PHDS falls short" in report and "robustness probe" in report
-    assert (out / "frontier.png").is_file() and (out / "agreement.png").is_file()
-    assert any("PHDS" in line and "oracle" in line for line in first.summary)
-    assert len(first.stages_run) == 3 + 3 + 4 and first.stages_reused == []  # data, base, sweep; 3 SFT; 4 evals
+    for run, method, ks in (("phds", "phds", [2, 4]), ("sft-dialled", "oracle", [4])):
+        for seed in (0, 1):
+            assert phds.read_sidecar(out / "runs" / run / f"seed{seed}" / "model").method == method
+            assert phds.read_sidecar(out / "runs" / run / f"seed{seed}" / "model").ks == ks
+    base_eval = json.loads((out / "eval" / "base" / "base-dialled-tasks" / "results.json").read_text())
+    assert list(base_eval["tasks"]) == ["base_mc", "base_em"]  # the base model is asked in its own format
+    results = json.loads((out / "results.json").read_text())
+    assert {c["other"] for c in results["tasks"]["eval_em"]["comparisons"]} == {"sft-dialled", "base-dialled"}
+    assert (out / "report.md").is_file() and (out / "frontier.png").is_file()
+    assert any(line.startswith("phds vs each arm over 2 SFT seeds") for line in said)
 
 
 def test_a_second_run_with_the_same_settings_reuses_every_stage(demo_run):
     out, first, _ = demo_run
-    second = run_demo(out, DemoConfig(**TINY), say=lambda _: None)
+    second = run_demo(out, overrides=TINY, jobs=1, say=lambda _: None)
     assert second.stages_run == [] and sorted(second.stages_reused) == sorted(first.stages_run)
-    assert second.summary == first.summary
+    assert second.summary == first.summary and second.results["tasks"] == first.results["tasks"]
 
 
-def test_changed_settings_redo_the_stages_they_invalidate(tmp_path):
-    config = DemoConfig(**{**TINY, "seed": 1})
-    assert config.digest() != DemoConfig(**TINY).digest()
-    with pytest.raises(ValueError, match="anchor_k"):
-        DemoConfig(**{**TINY, "anchor_k": 3})
+def test_a_new_seed_runs_only_its_own_stages(demo_run):
+    out, first, _ = demo_run
+    more = run_demo(out, overrides={**TINY, "seeds": [0, 1, 2]}, jobs=1, say=lambda _: None)
+    assert sorted(more.stages_run) == [
+        "eval/phds/seed2",
+        "eval/sft-dialled/seed2",
+        "runs/phds/seed2",
+        "runs/sft-dialled/seed2",
+    ]
+    assert more.results["seeds"] == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_parallel_jobs_give_the_same_results_as_one_process(demo_run, tmp_path):
+    out, first, _ = demo_run
+    parallel = run_demo(tmp_path / "parallel", overrides=TINY, jobs=2, say=lambda _: None)
+    assert parallel.results["tasks"] == first.results["tasks"]
+    assert (tmp_path / "parallel" / "logs").is_dir()

@@ -24,7 +24,7 @@ def _root() -> None:
 
 # Each module registers its command(s) on `app` when imported. A module that is missing (a later issue's command
 # not written yet) is simply absent from `phds --help`.
-COMMAND_MODULES = ("info", "train", "evaluate", "bench", "serve", "export", "demo")
+COMMAND_MODULES = ("info", "train", "evaluate", "bench", "serve", "export", "demo", "experiment")
 
 
 def _register_commands() -> None:

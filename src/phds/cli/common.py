@@ -12,7 +12,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-def parse_ks(text: str, option: str = "--k") -> list[int]:
+def parse_ks(text: str, option: str = "--k", minimum: int = 1) -> list[int]:
     """'1,2,4' or '2-4' or '1,3-4' -> sorted unique ints; a clear error otherwise.
 
     Example: `parse_ks("2-4,8") == [2, 3, 4, 8]`.
@@ -32,8 +32,8 @@ def parse_ks(text: str, option: str = "--k") -> list[int]:
         raise typer.BadParameter(f"{option} must be integers like '1,2,4' or '2-4', got {text!r}") from None
     if not ks:
         raise typer.BadParameter(f"{option} is empty")
-    if min(ks) < 1:
-        raise typer.BadParameter(f"{option} values must be >= 1, got {text!r}")
+    if min(ks) < minimum:
+        raise typer.BadParameter(f"{option} values must be >= {minimum}, got {text!r}")
     return sorted(ks)
 
 
