@@ -1,7 +1,9 @@
 """The wire format: OpenAI's request and response bodies (pydantic), plus our extras such as `k`.
 
-Official OpenAI fields come first, in the order of OpenAI's API reference; our extras follow, each with a
-description. Validation that needs no model (types, ranges, `n=1`) lives here, so a bad body is answered with a
+Every field has a description. The fields both endpoints share live in `_SamplingFields`: OpenAI's (in
+alphabetical order), then ours, marked `extras`; each request class adds its own OpenAI fields. Pydantic lists a
+base class's fields first, so a request's schema reads: the shared OpenAI fields, our extras (`k`, `ignore_eos`,
+`return_token_ids`), then the endpoint's own OpenAI fields (`model`, `prompt` / `messages`, ...). Validation that needs no model (types, ranges, `n=1`) lives here, so a bad body is answered with a
 400 before any model work; checks that need the served model (k declared, prompt length) live in the service.
 """
 
