@@ -231,3 +231,12 @@ def test_asking_for_more_distinct_items_than_a_skill_holds_raises():
         make_demo_data(n_pretrain=0, n_sft=0, n_valid=0, n_eval=300, skills=("add",))
     with pytest.raises(ValueError, match="n_valid"):
         make_demo_data(n_pretrain=0, n_sft=0, n_valid=200, n_eval=0, skills=("add",))
+
+
+def test_tuning_items_come_from_the_validation_partition_never_the_evaluation_one():
+    tuning = make_demo_data(seed=1000, n_pretrain=50, n_sft=50, n_valid=40, n_eval=40, eval_split="sft_valid")
+    assert {split_of(item["skill"], item["body"]) for item in tuning.eval_mc} == {"sft_valid"}
+    reported = make_demo_data(seed=1000, n_pretrain=50, n_sft=50, n_valid=40, n_eval=40)
+    assert {split_of(item["skill"], item["body"]) for item in reported.eval_mc} == {"eval"}
+    with pytest.raises(ValueError, match="`eval_split`"):
+        make_demo_data(n_eval=4, eval_split="eval_mc")

@@ -277,6 +277,7 @@ def make_demo_data(
     n_valid: int = 200,
     n_eval: int = 300,
     skills: tuple[str, ...] = SKILLS,
+    eval_split: str = "eval",
 ) -> DemoData:
     """Build the seeded synthetic corpus: every split balanced over `skills`, evaluation disjoint from training.
 
@@ -287,6 +288,8 @@ def make_demo_data(
         n_valid: held-out SFT pairs (distinct instances).
         n_eval: evaluation items, in each of `eval_mc` and `eval_em` (distinct instances, the same in both).
         skills: a non-empty subset of `SKILLS`.
+        eval_split: where the evaluation items come from: "eval" (the held-out evaluation partition, for reported
+            runs) or "sft_valid" (the validation partition, for tuning a recipe without seeing evaluation items).
 
     Example: `data = make_demo_data(seed=1, n_pretrain=1000); data.eval_em[0]` -> {"prompt": "Q:...? A:", ...}.
     """
@@ -298,6 +301,8 @@ def make_demo_data(
     if not skills or len(set(skills)) != len(skills) or not set(skills) <= set(SKILLS):
         raise ValueError(f"`skills` must be distinct names from {list(SKILLS)}, got {list(skills)}")
 
+    if eval_split not in ("eval", "sft_valid"):
+        raise ValueError(f"`eval_split` must be 'eval' or 'sft_valid', got {eval_split!r}")
     rng = random.Random(seed)
 
     def instances(split: str, n: int, *, unique: bool, parameter: str) -> list[Instance]:
@@ -312,7 +317,7 @@ def make_demo_data(
     pretrain = instances("pretrain", n_pretrain, unique=False, parameter="n_pretrain")
     sft_train = instances("sft_train", n_sft, unique=False, parameter="n_sft")
     sft_valid = instances("sft_valid", n_valid, unique=True, parameter="n_valid")
-    evaluation = instances("eval", n_eval, unique=True, parameter="n_eval")
+    evaluation = instances(eval_split, n_eval, unique=True, parameter="n_eval")
 
     # Balanced gold positions (counts differ by at most one), in random order.
     gold_positions = [i % N_CHOICES for i in range(len(evaluation))]
