@@ -22,18 +22,14 @@ def _root() -> None:
     """Post Hoc Declared Sparsity: one MoE checkpoint, any declared top-k at inference time."""
 
 
-# Each module registers its command(s) on `app` when imported. A module that is missing (a later issue's command
-# not written yet) is simply absent from `phds --help`.
+# Each module registers its command(s) on `app` when imported. They import training, evaluation, serving and the
+# benchmark harness inside the command, so `phds --help` does not wait for TRL or FastAPI to load.
 COMMAND_MODULES = ("info", "train", "evaluate", "bench", "serve", "export", "demo", "experiment")
 
 
 def _register_commands() -> None:
     for name in COMMAND_MODULES:
-        try:
-            importlib.import_module(f"phds.cli.{name}")
-        except ModuleNotFoundError as error:
-            if error.name != f"phds.cli.{name}":
-                raise
+        importlib.import_module(f"phds.cli.{name}")
 
 
 _register_commands()
