@@ -119,3 +119,60 @@ def test_saved_checkpoint_folder_has_ordinary_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"ks": "2,4", "k_pre": 4}, "ks"),
+        ({"ks": [2, 2, 4], "k_pre": 4}, "ks"),
+        ({"ks": [2, True], "k_pre": 4}, "ks"),
+        ({"ks": [2, 4], "k_pre": "4"}, "k_pre"),
+        ({"ks": [2, 4], "k_pre": 4, "default_k": 3}, "default_k"),
+        ({"ks": [2, 4], "k_pre": 4, "method": "magic"}, "method"),
+        ({"ks": [2, 4], "k_pre": 4, "made_by": ["x"]}, "made_by"),
+        ({"ks": [2, 4], "k_pre": 4, "validation_loss": {"two": 1.0}}, "validation_loss"),
+        ({"ks": [2, 4], "k_pre": 4, "format_version": 2}, "format_version"),
+        ({"k_pre": 4}, "ks"),
+    ],
+)
+def test_a_bad_sidecar_file_is_an_error_naming_the_file_and_the_field(tmp_path, fields, field):
+    (tmp_path / "phds.json").write_text(json.dumps(fields))
+    with pytest.raises(ValueError, match=field) as error:
+        phds.read_sidecar(tmp_path)
+    assert str(tmp_path / "phds.json") in str(error.value)
+
+
+def test_loading_refuses_a_sidecar_that_does_not_fit_the_model(tmp_path):
+    _save_tiny(tmp_path / "too_many", sidecar=phds.Sidecar(ks=[2, 4, 9], k_pre=4))  # the tiny OLMoE has 8 experts
+    with pytest.raises(ValueError, match=r"phds\.json.*`ks`.*\(8\)"):
+        phds.load(tmp_path / "too_many", device="cpu")
+    _save_tiny(tmp_path / "other_k_pre", sidecar=phds.Sidecar(ks=[2], k_pre=2))
+    with pytest.raises(ValueError, match=r"phds\.json.*`k_pre`=2"):
+        phds.load(tmp_path / "other_k_pre", device="cpu")
+
+
+def test_the_declared_ks_rules_live_in_one_place():
+    from phds.sidecar import check_ks, default_k
+
+    assert check_ks([4, 2, 3], num_experts=8) == [2, 3, 4]
+    with pytest.raises(ValueError, match=r"`eval_ks`.*\[9\]"):
+        check_ks([2, 9], name="eval_ks", num_experts=8)
+    assert default_k([2, 3, 4], 4) == 4 and default_k([1, 2], 4) == 2
+
+
+def test_loading_does_not_import_the_engine_but_finds_it_through_the_registry():
+    import ast
+    import inspect
+
+    import phds.loading
+
+    imported = {
+        node.module if isinstance(node, ast.ImportFrom) else alias.name
+        for node in ast.walk(ast.parse(inspect.getsource(phds.loading)))
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+    }
+    assert not any(name and name.startswith("phds.engine") for name in imported)
+    model, _ = phds.load("tiny:olmoe", experts_implementation="phds", tokenizer=False, device="cpu")
+    assert model.config._experts_implementation == "phds"

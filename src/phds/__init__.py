@@ -7,7 +7,7 @@ first use (`phds.train`, `phds.evaluate`, ...), so `import phds` stays light.
 import importlib
 
 from phds.dial import MoELayer, NotAnMoEError, get_k, moe_layers, set_k, sparsity
-from phds.loading import load, save
+from phds.loading import load, register_experts_module, save
 from phds.schedule import PHDSSchedule
 from phds.sidecar import Sidecar, read_sidecar, write_sidecar
 from phds.tiny import tiny_config, tiny_model, tiny_tokenizer
@@ -31,6 +31,10 @@ _LAZY = {
     "run_demo": "phds.demo",
     "make_demo_data": "phds.demo_data",
 }
+
+
+# `load(experts_implementation="phds")` imports the engine, whose import registers it with transformers.
+register_experts_module("phds", "phds.engine")
 
 
 def __getattr__(name: str):

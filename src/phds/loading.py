@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -13,12 +12,25 @@ import transformers
 from torch import nn
 
 from phds import dial
-from phds.sidecar import Sidecar, read_sidecar, write_sidecar
+from phds.checkpoint import write_checkpoint
+from phds.sidecar import Sidecar, attach_sidecar, read_sidecar, sidecar_of  # noqa: F401  sidecar_of: public here too
 from phds.tiny import FAMILIES, tiny_model, tiny_tokenizer
 
 logger = logging.getLogger(__name__)
 
 TINY_PREFIX = "tiny:"
+
+# experts implementation name -> the module whose import registers it with transformers' experts interface.
+# Filled from above (the package root names the engine), so loading never imports a higher layer itself.
+_EXPERTS_MODULES: dict[str, str] = {}
+
+
+def register_experts_module(name: str, module: str) -> None:
+    """Let `load(experts_implementation=name)` import `module` first, which registers `name` with transformers.
+
+    Example: `register_experts_module("phds", "phds.engine")`.
+    """
+    _EXPERTS_MODULES[name] = module
 
 
 def default_device() -> torch.device:
@@ -76,8 +88,8 @@ def load(
     """
     device = torch.device(device) if device is not None else default_device()
     name = str(name_or_path)
-    if experts_implementation == "phds":
-        import phds.engine  # noqa: F401  registers the "phds" experts implementation with transformers
+    if experts_implementation in _EXPERTS_MODULES:
+        importlib.import_module(_EXPERTS_MODULES[experts_implementation])
     if name.startswith(TINY_PREFIX):
         arch = name[len(TINY_PREFIX) :]
         if arch not in FAMILIES:
@@ -101,9 +113,9 @@ def load(
             name, dtype=_resolve_dtype(dtype), use_safetensors=True, **kwargs
         )
         model.to(device).eval()
-        sidecar = read_sidecar(path) if path.is_dir() else None
+        sidecar = read_sidecar(path, model=model) if path.is_dir() else None
         tok = _load_tokenizer(name, **kwargs) if tokenizer else None
-    model._phds_sidecar = sidecar
+    attach_sidecar(model, sidecar)
     dial.moe_layers(model)  # registers k_pre before anything is dialled; raises for a dense model
     target = k if k is not None else (sidecar.default_k if sidecar is not None else None)
     if target is not None:
@@ -121,42 +133,13 @@ def _load_tokenizer(name: str, **kwargs):
         return None
 
 
-def sidecar_of(model: nn.Module) -> Sidecar | None:
-    """The `phds.json` sidecar the model was loaded with, if any.
-
-    Example: `phds.loading.sidecar_of(model).ks`.
-    """
-    return getattr(model, "_phds_sidecar", None)
-
-
 def save(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None, sidecar: Sidecar | None = None) -> Path:
     """Save a plain HF checkpoint (safetensors, `num_experts_per_tok` = k_pre) plus the sidecar, atomically.
 
-    The checkpoint is written to a temporary sibling directory and renamed into place, so a crash mid-save leaves
-    whatever was at `out_dir` before intact.
+    Written by `phds.checkpoint.write_checkpoint`: staged beside `out_dir` and renamed into place (a 0755 folder),
+    so a crash mid-save leaves whatever was at `out_dir` before intact.
 
     Example: `phds.save(model, "out", tokenizer=tok, sidecar=Sidecar(ks=[2, 3, 4], k_pre=4))`.
     """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a checkpoint folder should read like any other
-    try:
-        with dial.sparsity(model, dial.k_pre(model)):
-            model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if sidecar is not None:
-            write_sidecar(tmp, sidecar)
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        if out_dir.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    with dial.sparsity(model, dial.k_pre(model)):
+        return write_checkpoint(model, out_dir, tokenizer=tokenizer, sidecar=sidecar)

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from phds.sidecar import check_ks
+
 
 def default_ks(k_pre: int) -> list[int]:
     """Every integer from ceil(k_pre / 2) to k_pre: the declared set when none is given.
@@ -57,10 +59,7 @@ class PHDSSchedule:
                 raise ValueError("`ks` is None and no `k_pre` was given to derive the default ks from")
             self.ks = default_ks(self.k_pre)
         ks = list(self.ks)
-        if not ks or any(isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1 for k in ks):
-            raise ValueError(f"`ks` must be a non-empty list of positive ints, got {self.ks!r}")
-        if len(set(ks)) != len(ks):
-            raise ValueError(f"`ks` must not repeat a k, got {self.ks!r}")
+        check_ks(ks)
         order = sorted(range(len(ks)), key=lambda i: ks[i])
         self.ks = [int(ks[i]) for i in order]
         if self.weights is not None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
+import pytest
 import torch
 import transformers
 from typer.testing import CliRunner
@@ -51,3 +55,24 @@ def test_serve_cli_refuses_ks_the_model_cannot_run_before_serving(checkpoint):
     assert result.exit_code == 2 and "k_set" in result.output and "9" in result.output
     result = runner.invoke(app, ["serve", checkpoint, "--k-set", "1,2", "--default-k", "4"])
     assert result.exit_code == 2 and "default_k" in result.output
+
+
+def test_export_writes_a_0755_folder_and_an_overwrite_that_fails_leaves_the_previous_export(
+    checkpoint, tmp_path, monkeypatch
+):
+    out = export(checkpoint, 2, tmp_path / "k2")
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o755
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def killed(self, *args, **kwargs):
+        raise KeyboardInterrupt("killed mid-export")
+
+    monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "save_pretrained", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export(checkpoint, 1, out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k2"]  # no staging folder left behind
+
+    monkeypatch.undo()
+    export(checkpoint, 1, out, overwrite=True)
+    assert phds.read_sidecar(out).ks == [1] and stat.S_IMODE(os.stat(out).st_mode) == 0o755

@@ -1,9 +1,10 @@
 """`sweep`: the robustness probe of a (base) model: evaluate at every k from 1 to k_pre and say where quality falls.
 
 A k "holds" when no task's primary metric is meaningfully worse than at the reference k (k_pre, else the largest
-k evaluated): worse means the 95% paired bootstrap CI of the difference, on the same items, excludes 0 in the bad
-direction AND the drop exceeds `tolerance` (absolute for accuracies, relative for perplexity; default 0.01), so a
-statistically clear but negligible change (perplexity 130.04 -> 130.05) does not count as a fall-off.
+k evaluated: `phds.sidecar.default_k`): worse means the 95% paired bootstrap CI of the difference, on the same
+items, excludes 0 in the bad direction AND the drop exceeds `tolerance` (absolute for accuracies, relative for
+perplexity; default 0.01), so a statistically clear but negligible change (perplexity 130.04 -> 130.05) does not
+count as a fall-off.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from phds import dial
 from phds.evaluation.metrics import paired_difference
 from phds.evaluation.report import dumps_results, markdown_report
 from phds.evaluation.runner import evaluate, resolve_model
+from phds.sidecar import default_k
 
 
 def _worse(task: dict, k: str, ref: str, seed: int, tolerance: float) -> dict[str, Any]:
@@ -36,7 +38,7 @@ def verdict(
     Example: `line, detail = verdict(results)`.
     """
     ks = results["ks"]
-    ref = reference_k if reference_k is not None else (results["k_pre"] if results["k_pre"] in ks else max(ks))
+    ref = reference_k if reference_k is not None else default_k(ks, results["k_pre"])
     if ref not in ks:
         raise ValueError(f"`reference_k` must be one of the evaluated ks {ks}, got {ref}")
     seed = results["settings"]["seed"]

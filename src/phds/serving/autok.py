@@ -21,6 +21,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from phds.sidecar import check_ks
+
 
 @dataclass(kw_only=True)
 class AutoKPolicy:
@@ -50,8 +52,7 @@ class AutoKPolicy:
     _samples: dict[int, deque] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not self.ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.ks):
-            raise ValueError(f"`ks` must be a non-empty list of positive ints, got {self.ks!r}")
+        check_ks(self.ks)
         if not self.target_ms > 0:
             raise ValueError(f"`target_ms` must be > 0, got {self.target_ms}")
         if self.window < 1:

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from phds import dial
-from phds.loading import sidecar_of
-
-logger = logging.getLogger(__name__)
+from phds import sidecar
 
 
 @dataclass(kw_only=True)
@@ -77,41 +73,20 @@ class ServeConfig:
             raise ValueError(f"`auto_target_ms` must be > 0, got {self.auto_target_ms}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"`drain_timeout_s` must be >= 0, got {self.drain_timeout_s}")
-        if self.k_set is not None and (not self.k_set or min(self.k_set) < 1):
-            raise ValueError(f"`k_set` must be a non-empty list of positive ints, got {self.k_set}")
-        if self.k_set is not None and self.default_k is not None and self.default_k not in self.k_set:
-            raise ValueError(f"`default_k` must be one of `k_set` {sorted(self.k_set)}, got {self.default_k}")
+        if self.k_set is not None:
+            self.k_set = sidecar.check_ks(self.k_set, name="k_set")
+        if self.k_set is not None and self.default_k is not None:
+            sidecar.check_default_k(self.default_k, self.k_set)
         if self.served_model_name is not None and ("@" in self.served_model_name or not self.served_model_name):
             raise ValueError(f"`served_model_name` must be non-empty without '@', got {self.served_model_name!r}")
 
 
 def resolve_ks(model, k_set: list[int] | None, default_k: int | None) -> tuple[list[int], int]:
-    """The declared ks and default k: `k_set` if given, else the sidecar's, else [k_pre]; validated.
+    """The served ks and default k: `k_set` if given, else the sidecar's, else [k_pre] (`phds.sidecar.resolve_ks`).
 
     Example: `resolve_ks(model, None, None) == ([1, 2, 4], 4)` for a checkpoint whose sidecar declares 1, 2, 4.
     """
-    sidecar = sidecar_of(model)
-    k_pre = dial.k_pre(model)
-    num_experts = dial.num_experts(model)
-    if k_set is not None:
-        ks = sorted(set(k_set))
-        if sidecar is not None and not set(ks) <= set(sidecar.ks):
-            logger.warning("serving ks %s outside the checkpoint's declared ks %s", ks, sidecar.ks)
-    elif sidecar is not None:
-        ks = list(sidecar.ks)
-    else:
-        ks = [k_pre]
-    bad = [k for k in ks if not 1 <= k <= num_experts]
-    if bad:
-        raise ValueError(f"`k_set` values must be in [1, {num_experts}] (experts per layer), got {bad}")
-    if default_k is None:
-        if sidecar is not None and sidecar.default_k in ks:
-            default_k = sidecar.default_k
-        else:
-            default_k = k_pre if k_pre in ks else max(ks)
-    if default_k not in ks:
-        raise ValueError(f"`default_k` must be one of the served ks {ks}, got {default_k}")
-    return ks, default_k
+    return sidecar.resolve_ks(model, k_set, default_k, name="k_set")
 
 
 def served_name(model: str) -> str:

@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from phds import dial
-from phds.loading import load, sidecar_of
-from phds.sidecar import Sidecar, write_sidecar
+from phds.checkpoint import write_checkpoint
+from phds.loading import load
+from phds.sidecar import Sidecar, check_k, sidecar_of
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +40,8 @@ def export(
     """Write `model` as a plain safetensors checkpoint whose config says `num_experts_per_tok = k`.
 
     The tokenizer is copied, and a `phds.json` with `method="base"` and `ks=[k]` records where it came from (so
-    `phds.load` of the export dials nothing). Written to a temporary sibling directory and renamed into place.
+    `phds.load` of the export dials nothing). Written by `phds.checkpoint.write_checkpoint`: a 0755 folder staged
+    beside `out_dir` and swapped in with renames, so a failure leaves any previous `out_dir` intact.
 
     Args:
         model: checkpoint directory, hub name or `tiny:<family>`.
@@ -53,15 +53,12 @@ def export(
 
     Example: `phds.serving.export("out/olmoe-phds", 4, "out/olmoe-k4")`.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"`k` must be a positive int, got {k!r}")
+    check_k(k)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ValueError(f"`out_dir` {out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
     loaded, tokenizer = load(model, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
-    num_experts = dial.num_experts(loaded)
-    if k > num_experts:
-        raise ValueError(f"`k` must be in [1, {num_experts}] (experts per layer), got k={k}")
+    check_k(k, num_experts=dial.num_experts(loaded))
     source = sidecar_of(loaded)
     if source is not None and k not in source.ks:
         logger.warning("k=%d is not among the checkpoint's declared ks %s", k, source.ks)
@@ -86,18 +83,6 @@ def export(
             "source_method": source.method if source is not None else None,
         },
     )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
-        loaded.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        write_sidecar(tmp, sidecar)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_checkpoint(loaded, out_dir, tokenizer=tokenizer, sidecar=sidecar)
     logger.info("exported %s at k=%d to %s", model, k, out_dir)
     return out_dir

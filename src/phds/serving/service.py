@@ -20,6 +20,7 @@ from phds.serving.errors import APIError, bad_request, model_not_found, queue_fu
 from phds.serving.metrics import ServingMetrics
 from phds.serving.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, new_id, now
 from phds.serving.runner import EngineRunner
+from phds.sidecar import check_default_k
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +99,7 @@ class Service:
     ) -> None:
         if tokenizer is None:
             raise ValueError("`tokenizer` is required to serve text; the checkpoint has none")
-        if default_k not in ks:
-            raise ValueError(f"`default_k` must be one of the declared ks {ks}, got {default_k}")
+        check_default_k(default_k, ks)
         self.model, self.tokenizer, self.runner = model, tokenizer, runner
         self.ks, self.default_k, self.model_name = sorted(ks), default_k, model_name
         self.max_model_len, self.max_batch, self.max_queue = max_model_len, max_batch, max_queue
