@@ -56,7 +56,7 @@ def bench(config: BenchConfig, progress: Callable[[str], None] | None = None) ->
         torch.set_num_threads(config.threads)
     note("building the model")
     model = build_model(config).eval()
-    num_experts = min(layer.num_experts for layer in dial.moe_layers(model))
+    num_experts = dial.num_experts(model)
     too_big = [k for k in config.ks if k > num_experts]
     if too_big:
         raise ValueError(f"`ks` must be at most the number of experts ({num_experts}), got {too_big}")
@@ -178,7 +178,7 @@ def _mixed_row(config: BenchConfig, engine: Engine, bandwidth: float, note) -> d
     batching barely speeds up. The bandwidth bound is the ratio of the floors: the sequential requests' batch-1
     floors against reading, once per batched step, the shared weights and every expert some row uses."""
     model, vocab = engine.model, engine.model.config.vocab_size
-    ks = [k for k in (1, 1, 2, 2, 4, 4, 8, 8) if k <= min(layer.num_experts for layer in dial.moe_layers(model))]
+    ks = [k for k in (1, 1, 2, 2, 4, 4, 8, 8) if k <= dial.num_experts(model)]
     model.set_experts_implementation(IMPLEMENTATION)
     batched: list[EngineRun] = []
     sequential: list[list[EngineRun]] = []

@@ -309,10 +309,10 @@ def _plan(
     model, tokenizer, loaded_name = resolve_model(model, tokenizer, device)
     if tokenizer is None:
         raise ValueError("`tokenizer` is required: the model came without one")
-    layers = dial.moe_layers(model)  # raises for a model without MoE layers
+    k_pre = dial.k_pre(model)  # raises for a model without MoE layers
     sidecar = sidecar_of(model)
     if ks is None:
-        ks = sidecar.ks if sidecar is not None else [layers[0].k_pre]
+        ks = sidecar.ks if sidecar is not None else [k_pre]
     ks = _check_ks(list(ks), model)
     if sidecar is not None:
         undeclared = [k for k in ks if k not in sidecar.ks]
@@ -430,15 +430,14 @@ def _assemble(prepared, per_k, ks, latency_table, *, model, sidecar, name, setti
             positionwise=task.kind == "perplexity",
         )
         tasks[task.name] = entry
-    layers = dial.moe_layers(model)
     return {
         "schema_version": SCHEMA_VERSION,
         "model": name,
         "method": sidecar.method if sidecar is not None else "base",
         "sidecar": sidecar.to_dict() if sidecar is not None else None,
         "ks": list(ks),
-        "k_pre": layers[0].k_pre,
-        "num_experts": layers[0].num_experts,
+        "k_pre": dial.k_pre(model),
+        "num_experts": dial.num_experts(model),
         "total_params": int(sum(p.numel() for p in model.parameters())),
         "active_params": {str(k): int(dial.active_parameters(model, k)) for k in ks},
         "settings": settings,
