@@ -90,7 +90,7 @@ CASES = {
     "bench": (lambda: _fields(BenchConfig), BENCH_RENAMES),
     "eval": (lambda: _parameters(evaluate), EVAL_RENAMES),
     "sweep": (lambda: _parameters(sweep, evaluate), EVAL_RENAMES),
-    "compare": (lambda: _parameters(compare), EVAL_RENAMES),
+    "compare": (lambda: _parameters(compare), {"out": ("out_dir", _same)}),
 }
 
 
@@ -116,5 +116,5 @@ def test_the_rename_tables_name_only_options_that_exist():
     commands = typer.main.get_command(app).commands
     for command, (_, renames) in CASES.items():
         names = {option.name for option in commands[command].params}
-        unknown = set(renames) - names - ({"k", "tasks"} if command == "compare" else set())
+        unknown = set(renames) - names
         assert not unknown, f"`phds {command}` has no options {sorted(unknown)}"

@@ -21,7 +21,9 @@ def _names(text: str) -> list[str]:
 def bench(
     model: str | None = typer.Argument(None, help="Checkpoint directory, hub name or tiny:<family>."),
     tiny_config: str = typer.Option(
-        "olmoe-shape-small", help="Random model when no MODEL is given: a preset or 'family:field=value,...'."
+        "olmoe-shape-small",
+        help="Random model when no MODEL is given: a preset (olmoe-shape-small, olmoe-shape-small-overhead-only) "
+        "or 'family:field=value,...'.",
     ),
     k: str = typer.Option("1,2,4,8", "--k", help="Experts per token to measure, e.g. '1,2,4,8'."),
     batch: str = typer.Option("1", "--batch", help="Decode batch sizes, e.g. '1,8'."),
