@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 import transformers
 
 import phds
 from phds.sidecar import Sidecar
-from phds.training.train import _atomic_save
-
-TRAIN_MODULE = importlib.import_module("phds.training.train")  # `phds.training.train` is also the function
+from phds.training.saving import save_checkpoint
 
 SAVED_CONFIG = {"output_router_logits": False}
 
@@ -21,28 +17,30 @@ def _weights(path):
     return transformers.AutoModelForCausalLM.from_pretrained(path).state_dict()
 
 
-def test_a_crash_while_saving_leaves_the_previous_checkpoint_and_the_run_files_intact(tmp_path, monkeypatch):
+class _CrashingTokenizer:
+    """Saving it writes half a file and dies, as a kill mid-save would."""
+
+    def save_pretrained(self, folder):
+        (folder / "tokenizer.json").write_text("{half a fi")
+        raise KeyboardInterrupt("killed mid-save")
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_and_the_run_files_intact(tmp_path):
     out = tmp_path / "out"
     first, second = phds.tiny_model("olmoe", seed=0), phds.tiny_model("olmoe", seed=1)
     tokenizer = phds.tiny_tokenizer()
-    _atomic_save(first, out, tokenizer, Sidecar(ks=[2, 4], k_pre=4), SAVED_CONFIG)
+    save_checkpoint(first, out, tokenizer, Sidecar(ks=[2, 4], k_pre=4), SAVED_CONFIG)
     (out / "checkpoints" / "checkpoint-3").mkdir(parents=True)
     (out / "phds_log.jsonl").write_text('{"event": "step", "step": 0, "k": 2}\n')
 
-    def crash(model, staged, **kwargs):
-        staged.mkdir(parents=True)
-        (staged / "model.safetensors").write_bytes(b"half a file")
-        raise KeyboardInterrupt("killed mid-save")
-
-    monkeypatch.setattr(TRAIN_MODULE, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        _atomic_save(second, out, tokenizer, Sidecar(ks=[2, 4], k_pre=4), SAVED_CONFIG)
+        save_checkpoint(second, out, _CrashingTokenizer(), Sidecar(ks=[2, 4], k_pre=4), SAVED_CONFIG)
     for name, value in _weights(out).items():
         torch.testing.assert_close(value, first.state_dict()[name])
     assert (out / "checkpoints" / "checkpoint-3").is_dir() and (out / "phds_log.jsonl").is_file()
+    assert (out / "tokenizer.json").read_text().startswith("{") and len((out / "tokenizer.json").read_text()) > 20
 
-    monkeypatch.undo()
-    _atomic_save(second, out, tokenizer, Sidecar(ks=[2, 4], k_pre=4, validation_loss={"2": 1.0}), SAVED_CONFIG)
+    save_checkpoint(second, out, tokenizer, Sidecar(ks=[2, 4], k_pre=4, validation_loss={"2": 1.0}), SAVED_CONFIG)
     for name, value in _weights(out).items():
         torch.testing.assert_close(value, second.state_dict()[name])
     assert (out / "checkpoints" / "checkpoint-3").is_dir()
@@ -55,7 +53,7 @@ def test_saving_writes_the_users_config_not_the_training_switches(tmp_path):
     model = phds.tiny_model("olmoe")
     model.config.output_router_logits = True  # what SFTTrainer sets to compute the aux loss
     phds.set_k(model, 2)
-    _atomic_save(model, tmp_path / "out", phds.tiny_tokenizer(), Sidecar(ks=[2, 4], k_pre=4), SAVED_CONFIG)
+    save_checkpoint(model, tmp_path / "out", phds.tiny_tokenizer(), Sidecar(ks=[2, 4], k_pre=4), SAVED_CONFIG)
     saved = transformers.AutoConfig.from_pretrained(tmp_path / "out")
     assert saved.output_router_logits is False and saved.num_experts_per_tok == 4
     assert model.config.output_router_logits is True and phds.get_k(model) == 2  # the training model is untouched
@@ -64,7 +62,7 @@ def test_saving_writes_the_users_config_not_the_training_switches(tmp_path):
 def test_a_gathered_state_dict_is_written_as_the_checkpoint(tmp_path):
     # the FSDP path: every rank gathers the full state dict, rank 0 writes it instead of the (sharded) parameters
     model, trained = phds.tiny_model("olmoe", seed=0), phds.tiny_model("olmoe", seed=1)
-    _atomic_save(
+    save_checkpoint(
         model, tmp_path / "out", phds.tiny_tokenizer(), Sidecar(ks=[2, 4], k_pre=4), SAVED_CONFIG, trained.state_dict()
     )
     for name, value in _weights(tmp_path / "out").items():

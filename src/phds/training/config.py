@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from trl import SFTConfig
 
+from phds.sidecar import check_k, check_ks
+
 SELECT_BY = ("k_pre", "mean", "final")
 
 
@@ -189,18 +191,11 @@ class PHDSConfig(SFTConfig):
     def _check_phds_fields(self) -> None:
         # Shapes of values only; ks against the model's expert count is checked once the model is known.
         if self.ks is not None:
-            if not self.ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.ks):
-                raise ValueError(f"`ks` must be a non-empty list of positive ints, got ks={self.ks!r}")
-            if len(set(self.ks)) != len(self.ks):
-                raise ValueError(f"`ks` must not repeat a k, got ks={self.ks!r}")
+            check_ks(self.ks)
         if self.eval_ks is not None:
-            if not self.eval_ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.eval_ks):
-                raise ValueError(f"`eval_ks` must be a non-empty list of positive ints or None, got {self.eval_ks!r}")
-            if len(set(self.eval_ks)) != len(self.eval_ks):
-                raise ValueError(f"`eval_ks` must not repeat a k, got eval_ks={self.eval_ks!r}")
+            check_ks(self.eval_ks, name="eval_ks")
         if self.fixed_k is not None:
-            if isinstance(self.fixed_k, bool) or not isinstance(self.fixed_k, int) or self.fixed_k < 1:
-                raise ValueError(f"`fixed_k` must be a positive int, got fixed_k={self.fixed_k!r}")
+            check_k(self.fixed_k, name="fixed_k")
             if self.ks is not None and sorted(self.ks) != [self.fixed_k]:
                 raise ValueError(f"an oracle trains at one k: `fixed_k`={self.fixed_k} with `ks`={self.ks}; drop `ks`")
             if self.k_weights is not None:
