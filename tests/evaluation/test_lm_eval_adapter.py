@@ -69,7 +69,7 @@ def test_simple_evaluate_scores_at_the_requested_k(offline_setup):
         model="phds",
         model_args=f"pretrained={offline_setup / 'ckpt'},k=1,device=cpu,dtype=float32",
         tasks=["phds_tiny_mc"],
-        task_manager=TaskManager(include_path=str(offline_setup / "tasks")),
+        task_manager=TaskManager(include_path=str(offline_setup / "tasks"), include_defaults=False),
         log_samples=True,
         batch_size=2,
     )
@@ -143,7 +143,7 @@ def test_phds_eval_and_lm_eval_give_the_same_loglikelihoods_and_accuracy(offline
     theirs = lm_eval.simple_evaluate(
         model=PHDSLM(pretrained=model, tokenizer=tok, k=2, batch_size=1, dtype="float32"),
         tasks=["phds_tiny_mc"],
-        task_manager=TaskManager(include_path=str(offline_setup / "tasks")),
+        task_manager=TaskManager(include_path=str(offline_setup / "tasks"), include_defaults=False),
         log_samples=True,
     )
     samples = sorted(theirs["samples"]["phds_tiny_mc"], key=lambda s: s["doc_id"])
