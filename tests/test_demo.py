@@ -48,6 +48,8 @@ def test_the_default_demo_runs_every_arm_at_three_seeds_with_a_declared_margin(t
     assert quick.training["max_steps"] < spec.training["max_steps"]
 
 
+# The end-to-end demo runs take about a minute of CPU: they are `slow` (CI's second step); tests/experiment covers
+# the experiment machinery in the default run.
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
@@ -56,6 +58,7 @@ def demo_run(tmp_path_factory):
     return out, first, said
 
 
+@pytest.mark.slow
 def test_every_stage_writes_its_documented_files(demo_run):
     out, first, said = demo_run
     for name in ("pretrain.txt", "sft_train.jsonl", "sft_valid.jsonl", "eval_mc.jsonl", "base_em.jsonl"):
@@ -73,6 +76,7 @@ def test_every_stage_writes_its_documented_files(demo_run):
     assert any(line.startswith("phds vs each arm over 2 SFT seeds") for line in said)
 
 
+@pytest.mark.slow
 def test_a_second_run_with_the_same_settings_reuses_every_stage(demo_run):
     out, first, _ = demo_run
     second = run_demo(out, overrides=TINY, jobs=1, say=lambda _: None)
@@ -80,6 +84,7 @@ def test_a_second_run_with_the_same_settings_reuses_every_stage(demo_run):
     assert second.summary == first.summary and second.results["tasks"] == first.results["tasks"]
 
 
+@pytest.mark.slow
 def test_a_new_seed_runs_only_its_own_stages(demo_run):
     out, first, _ = demo_run
     more = run_demo(out, overrides={**TINY, "seeds": [0, 1, 2]}, jobs=1, say=lambda _: None)

@@ -108,3 +108,33 @@ def test_report_tables_and_summary_say_the_verdicts(analysed):
     summary = "\n".join(summary_lines(analysed))
     assert "vs sft-dialled: 1 better, 1 non-inferior, 1 worse, 1 inconclusive" in summary
     assert "only 2 seed(s)" in summary
+
+
+def test_oracles_cross_k_agreement_is_shown_beside_its_same_k_floor(tmp_path):
+    spec = ExperimentSpec(
+        name="oracles",
+        ks=[2, 4],
+        seeds=[0, 1],
+        arms=[Arm(kind="phds"), Arm(kind="oracle")],
+        data=Data(train="unused.jsonl", tasks=[str(tmp_path / "easy.jsonl")]),
+        base_model="unused",
+    )
+    the_plan = plan(spec, k_pre=4)
+    (tmp_path / "spec.json").write_text(json.dumps({"declared": "then", "spec": spec.to_dict()}))
+    for run in the_plan.runs:
+        for seed in spec.seeds:
+            (tmp_path / "runs" / run / f"seed{seed}").mkdir(parents=True)
+            (tmp_path / "runs" / run / f"seed{seed}" / "stage.json").write_text("{}")
+    zeros, half, quarter = [0] * N, [0] * (N // 2) + [1] * (N // 2), [1] * (N // 4) + [0] * (3 * N // 4)
+    for seed in spec.seeds:
+        write_eval(tmp_path, f"phds/seed{seed}", {"easy": {2: columns(50, zeros), 4: columns(50, zeros)}})
+        write_eval(tmp_path, f"oracle-k2/seed{seed}", {"easy": {2: columns(50, zeros)}})
+        # oracle-k4 differs from oracle-k2 on half (seed 0) or a quarter (seed 1) of the items; its two seeds agree on
+        # a quarter of them
+        write_eval(tmp_path, f"oracle-k4/seed{seed}", {"easy": {4: columns(50, half if seed == 0 else quarter)}})
+    agreement = analyse(spec, the_plan, tmp_path)["tasks"]["easy"]["agreement"]
+    assert agreement["oracles_cross_k"]["per"] == {"0": 0.5, "1": 0.75}
+    # same k, other seed: oracle-k2's seeds agree on everything, oracle-k4's on a quarter of the items
+    assert agreement["same_k_floor"]["oracle-k4"]["per"] == {"0-1": 0.25}
+    assert agreement["oracles_same_k_floor"]["mean"] == pytest.approx((1.0 + 0.25) / 2)
+    assert agreement["self"]["phds"]["mean"] == 1.0 and agreement["reference_vs"] == {}

@@ -98,5 +98,5 @@ def test_bootstrap_interval_surrounds_the_mean_difference_of_noisy_runs():
         dict(enumerate(ref)), dict(enumerate(other)), higher_is_better=True, margin=0.02, method="bootstrap"
     )
     assert difference.low < difference.mean < difference.high
-    assert difference.mean == pytest.approx(np.mean([r.value() - o.value() for r, o in zip(ref, other)]))
+    assert difference.mean == pytest.approx(np.mean([r.value() - o.value() for r, o in zip(ref, other, strict=True)]))
     assert difference.method == "bootstrap" and difference.verdict == "better"

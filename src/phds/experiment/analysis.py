@@ -224,5 +224,7 @@ class _Scalar(Ratio):
 
 
 def _interval(values, confidence: float, per: dict) -> dict[str, Any]:
+    """Mean and t interval of agreement shares, clipped to [0, 1] where they lie."""
     mean, low, high = t_interval(list(values), confidence)
+    low, high = (None, None) if low is None else (max(0.0, low), min(1.0, high))
     return {"mean": mean, "low": low, "high": high, "per": {str(key): value for key, value in per.items()}}

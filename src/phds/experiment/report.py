@@ -22,8 +22,8 @@ def _num(value: float | None, digits: int = 3, signed: bool = False) -> str:
     return text.replace("-", "−")
 
 
-def _interval(entry: dict[str, Any], digits: int = 3) -> str:
-    return f"[{_num(entry['low'], digits, True)}, {_num(entry['high'], digits, True)}]"
+def _interval(entry: dict[str, Any], digits: int = 3, signed: bool = True) -> str:
+    return f"[{_num(entry['low'], digits, signed)}, {_num(entry['high'], digits, signed)}]"
 
 
 def _digits(metric: str) -> int:
@@ -81,7 +81,7 @@ def agreement_table(results: dict[str, Any], task_name: str) -> list[str]:
     reference = results["reference"]
     lines = ["| what | mean | interval |", "|---|---|---|"]
     for arm, entry in agreement["self"].items():
-        lines.append(f"| {arm}: one run, across its ks | {_num(entry['mean'])} | {_interval(entry)} |")
+        lines.append(f"| {arm}: one run, across its ks | {_num(entry['mean'])} | {_interval(entry, signed=False)} |")
     for arm, diff in agreement["reference_vs"].items():
         told = {"better": "higher", "worse": "lower"}.get(diff["verdict"], "inconclusive")
         lines.append(
@@ -90,16 +90,20 @@ def agreement_table(results: dict[str, Any], task_name: str) -> list[str]:
     if "oracles_cross_k" in agreement:
         entry = agreement["oracles_cross_k"]
         lines.append(
-            f"| oracles across k (oracle-k at k vs oracle-k′ at k′) | {_num(entry['mean'])} | {_interval(entry)} |"
+            f"| oracles across k (oracle-k at k vs oracle-k′ at k′) | {_num(entry['mean'])} | "
+            f"{_interval(entry, signed=False)} |"
         )
     if "oracles_same_k_floor" in agreement:
         entry = agreement["oracles_same_k_floor"]
         lines.append(
-            f"| oracles at the same k, different seeds (floor) | {_num(entry['mean'])} | {_interval(entry)} |"
+            f"| oracles at the same k, different seeds (floor) | {_num(entry['mean'])} | "
+            f"{_interval(entry, signed=False)} |"
         )
     if reference in agreement.get("same_k_floor", {}):
         entry = agreement["same_k_floor"][reference]
-        lines.append(f"| {reference} at the same k, different seeds | {_num(entry['mean'])} | {_interval(entry)} |")
+        lines.append(
+            f"| {reference} at the same k, different seeds | {_num(entry['mean'])} | {_interval(entry, signed=False)} |"
+        )
     return lines
 
 
