@@ -116,7 +116,7 @@ class Engine:
                 torch.compile(model.forward, dynamic=True)
             )
         self.layers = dial.moe_layers(model)
-        self.max_k = min(layer.num_experts for layer in self.layers)
+        self.max_k = dial.num_experts(model)
         self.eos_ids = _eos_ids(model, tokenizer)
         self._waiting: deque[Request] = deque()
         self._rows: list[_Row] = []  # running rows; row i lives in cache row i
