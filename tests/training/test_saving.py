@@ -79,3 +79,32 @@ def test_lora_under_fsdp_is_refused_before_anything_is_written(tmp_path, monkeyp
     with pytest.raises(ValueError, match="FSDP"):
         train("tiny:olmoe", fast_config(tmp_path / "o", lora=True), train_data=ADDITION)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_crash_between_the_renames_is_finished_with_the_run_files_by_the_next_run(tmp_path, monkeypatch):
+    from phds import checkpoint
+    from phds.training.saving import RUN_ENTRIES
+
+    out = tmp_path / "out"
+    first, second = phds.tiny_model("olmoe", seed=0), phds.tiny_model("olmoe", seed=1)
+    save_checkpoint(first, out, phds.tiny_tokenizer(), Sidecar(ks=[2, 4], k_pre=4), SAVED_CONFIG)
+    (out / "checkpoints" / "checkpoint-3").mkdir(parents=True)
+    (out / "phds_log.jsonl").write_text('{"event": "step", "step": 0, "k": 2}\n')
+    replace = checkpoint.os.replace
+
+    def killed_before_the_last_rename(source, destination):
+        if str(source).endswith(".out.staging"):
+            raise KeyboardInterrupt("killed between the renames")
+        replace(source, destination)
+
+    monkeypatch.setattr(checkpoint.os, "replace", killed_before_the_last_rename)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(second, out, phds.tiny_tokenizer(), Sidecar(ks=[2, 4], k_pre=4), SAVED_CONFIG)
+    monkeypatch.undo()
+    assert not out.exists()  # the state a kill leaves: the old and the staged checkpoint beside each other
+
+    checkpoint.recover(out, carry=RUN_ENTRIES)  # what the next `train` on this output_dir does first
+    for name, value in _weights(out).items():
+        torch.testing.assert_close(value, second.state_dict()[name])
+    assert (out / "checkpoints" / "checkpoint-3").is_dir() and (out / "phds_log.jsonl").is_file()
+    assert not list(tmp_path.glob(".out.*"))
