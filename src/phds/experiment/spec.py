@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from phds.sidecar import check_ks
+
 ARM_KINDS = ("phds", "oracle", "sft-dialled", "base-dialled")
 CHECKPOINT_RULES = ("final", "validation")
 STATISTICS = ("t", "bootstrap")
@@ -169,9 +171,7 @@ class ExperimentSpec:
     description: str = ""
 
     def __post_init__(self) -> None:
-        if not self.ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.ks):
-            raise ValueError(f"`ks` must be a non-empty list of positive integers, got {self.ks!r}")
-        self.ks = sorted(set(self.ks))
+        self.ks = check_ks(self.ks)
         if not self.seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds):
             raise ValueError(f"`seeds` must be a non-empty list of non-negative integers, got {self.seeds!r}")
         if len(set(self.seeds)) != len(self.seeds):
@@ -200,7 +200,7 @@ class ExperimentSpec:
             if arm.kind == "oracle" and arm.k not in self.ks:
                 raise ValueError(f"oracle arm {arm.name!r} is at k={arm.k}, which is not in `ks` {self.ks}")
             if arm.kind == "phds":
-                arm.ks = sorted(set(arm.ks or self.ks))
+                arm.ks = check_ks(arm.ks, name=f"arms.{arm.name}.ks") if arm.ks is not None else list(self.ks)
                 if not set(arm.ks) <= set(self.ks):
                     raise ValueError(f"arm {arm.name!r} declares ks {arm.ks} outside the experiment's ks {self.ks}")
                 arm.anchor_k = min(arm.ks) if arm.anchor_k is None else arm.anchor_k
