@@ -66,7 +66,7 @@ def test_phds_sweep_and_compare_run_from_the_command_line(task_dir, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--k", "1,9", "--tasks", "{d}/mc.jsonl"], "must be ints in [1, 8]"),
+        (["--k", "1,9", "--tasks", "{d}/mc.jsonl"], "number of experts (8), got ks=[1, 9]"),
         (["--k", "1", "--tasks", "{d}/absent.jsonl"], "no such file"),
         (["--k", "x", "--tasks", "{d}/mc.jsonl"], "--k must be integers"),
     ],

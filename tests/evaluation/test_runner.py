@@ -144,8 +144,10 @@ def test_bad_input_fails_before_any_model_work(tiny, task_dir, tmp_path):
     with pytest.raises(ValueError, match="unknown task|no such file"):
         evaluate("/nonexistent/model", [1], [str(tmp_path / "missing.jsonl")])
     before = [p.clone() for p in model.parameters()]
-    with pytest.raises(ValueError, match=r"`ks` must be ints in \[1, 8\].*\[2, 9\]"):
+    with pytest.raises(ValueError, match=r"number of experts \(8\), got ks=\[2, 9\]: \[9\] too large"):
         evaluate((model, tok), [2, 9], [str(task_dir / "mc.jsonl")], progress=False)
+    with pytest.raises(ValueError, match=r"`ks` must not repeat a k, got ks=\[2, 2\]"):
+        evaluate((model, tok), [2, 2], [str(task_dir / "mc.jsonl")], progress=False)
     assert phds.get_k(model) == 4
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     with pytest.raises(ValueError, match="`limit` must be >= 1"):

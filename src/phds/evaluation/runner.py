@@ -26,6 +26,7 @@ from phds.evaluation.metrics import METRICS, METRICS_OF, PRIMARY, last_number, s
 from phds.evaluation.prompts import ItemRequests, build_requests
 from phds.evaluation.tasks import GENERATION_KINDS, Task, load_tasks, normalise_number
 from phds.loading import load, sidecar_of
+from phds.sidecar import check_ks, resolve_ks
 
 logger = logging.getLogger(__name__)
 
@@ -40,14 +41,6 @@ def resolve_model(model, tokenizer, device):
         loaded, tok = model
         return loaded, tokenizer if tokenizer is not None else tok, None
     return model, tokenizer, None
-
-
-def _check_ks(ks: Sequence[int], model) -> list[int]:
-    experts = dial.num_experts(model)
-    bad = [k for k in ks if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= experts]
-    if bad or not ks:
-        raise ValueError(f"`ks` must be ints in [1, {experts}] (the model's experts per layer), got {list(ks)}")
-    return sorted(set(ks))
 
 
 def _windows(tokenizer, text: str, window: int, stride: int, limit: int | None) -> list[tuple[list[int], list[int]]]:
@@ -201,7 +194,8 @@ def evaluate(
     Args:
         model: a checkpoint path, hub name, `tiny:<arch>`, a loaded `(model, tokenizer)` pair, or a model (then pass
             `tokenizer`).
-        ks: the ks to dial; None means the sidecar's declared ks, else the model's k_pre.
+        ks: the distinct ks to dial (`phds.sidecar.check_ks`); None means the sidecar's declared ks, else the
+            model's k_pre.
         tasks: task specs: .jsonl / .txt paths or bare names in `$PHDS_DATA` (see `phds.evaluation.tasks`).
         out_dir: when given, write results.json, predictions.jsonl, report.md, frontier.png and agreement.png.
         tokenizer: overrides the loaded tokenizer.
@@ -309,11 +303,9 @@ def _plan(
     model, tokenizer, loaded_name = resolve_model(model, tokenizer, device)
     if tokenizer is None:
         raise ValueError("`tokenizer` is required: the model came without one")
-    k_pre = dial.k_pre(model)  # raises for a model without MoE layers
     sidecar = sidecar_of(model)
-    if ks is None:
-        ks = sidecar.ks if sidecar is not None else [k_pre]
-    ks = _check_ks(list(ks), model)
+    # raises for a model without MoE layers; the given ks must be distinct, the declared ones already are
+    ks = check_ks(ks, num_experts=dial.num_experts(model)) if ks is not None else resolve_ks(model)[0]
     if sidecar is not None:
         undeclared = [k for k in ks if k not in sidecar.ks]
         if undeclared:
