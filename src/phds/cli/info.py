@@ -23,14 +23,15 @@ def info(
         sidecar = sidecar_of(loaded)
 
     total = sum(p.numel() for p in loaded.parameters())
-    first = layers[0]
+    k_pre, num_experts = dial.k_pre(loaded), dial.num_experts(loaded)
+    first = layers[0]  # renormalisation, shared experts and router: read from the first MoE layer
     console.print(f"[bold]{model}[/]  ({type(loaded).__name__})")
     console.print(
         f"MoE layers: {len(layers)} of {loaded.config.num_hidden_layers}  "
         f"(indices {[layer.index for layer in layers]})"
     )
     console.print(
-        f"experts per layer: {first.num_experts}   k_pre: {first.k_pre}   "
+        f"experts per layer: {num_experts}   k_pre: {k_pre}   "
         f"renormalises top-k: {'yes' if first.renormalizes else 'no'}   "
         f"shared experts: {len(first.shared_experts)} per layer   router: {type(first.router).__name__}"
     )
@@ -48,13 +49,13 @@ def info(
     table.add_column("active params", justify="right")
     table.add_column("share of total", justify="right")
     table.add_column("vs k_pre", justify="right")
-    at_pre = dial.active_parameters(loaded, first.k_pre)
+    at_pre = dial.active_parameters(loaded, k_pre)
     declared = set(sidecar.ks) if sidecar is not None else set()
-    for k in range(1, first.num_experts + 1):
-        if k > 2 * first.k_pre and k != first.num_experts:
+    for k in range(1, num_experts + 1):
+        if k > 2 * k_pre and k != num_experts:
             continue
         active = dial.active_parameters(loaded, k)
-        marks = ("*" if k in declared else "") + (" (k_pre)" if k == first.k_pre else "")
+        marks = ("*" if k in declared else "") + (" (k_pre)" if k == k_pre else "")
         table.add_row(f"{k}{marks}", f"{active:,}", f"{active / total:.1%}", f"{active / at_pre:.2f}x")
     console.print(table)
     if declared:

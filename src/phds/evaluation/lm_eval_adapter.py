@@ -25,21 +25,18 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     raise ImportError("the lm-eval adapter needs lm-eval: pip install 'moe-phds[lm-eval]'") from error
 
 from phds import dial
-from phds.sidecar import read_sidecar
+from phds.sidecar import check_k, read_sidecar
 
 logger = logging.getLogger(__name__)
 
 
 def _parse_k(k: int | str | None) -> int | None:
+    """`k` as lm-eval passes it (an int, or digits from `--model_args`), checked like a declared k; None if absent."""
     if k is None or k == "":
         return None
-    try:
-        value = int(k)
-    except (TypeError, ValueError):
-        raise ValueError(f"`k` must be a positive integer, got {k!r}") from None
-    if value < 1 or (isinstance(k, float) and k != value):
-        raise ValueError(f"`k` must be a positive integer, got {k!r}")
-    return value
+    if isinstance(k, str) and k.strip().isdigit():
+        k = int(k)
+    return check_k(k)
 
 
 @register_model("phds")
@@ -57,12 +54,10 @@ class PHDSLM(HFLM):
     def __init__(self, pretrained, k: int | str | None = None, **kwargs):
         requested = _parse_k(k)  # a malformed k fails before the model is loaded
         super().__init__(pretrained=pretrained, **kwargs)
-        layers = dial.moe_layers(self.model)
         sidecar = read_sidecar(pretrained) if isinstance(pretrained, str) and Path(pretrained).is_dir() else None
         if requested is None:
-            requested = sidecar.default_k if sidecar is not None else layers[0].k_pre
-        if not 1 <= requested <= layers[0].num_experts:
-            raise ValueError(f"`k` must be in [1, {layers[0].num_experts}] for this model, got {requested}")
+            requested = sidecar.default_k if sidecar is not None else dial.k_pre(self.model)
+        check_k(requested, num_experts=dial.num_experts(self.model))
         if sidecar is not None and requested not in sidecar.ks:
             logger.warning("k=%d is not among the checkpoint's declared ks %s", requested, sidecar.ks)
         self.k = requested
