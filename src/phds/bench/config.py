@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from phds.sidecar import check_ks
+
 # Random models named after their shape. "olmoe-shape-small": OLMoE's routing (64 experts, k_pre 8, no top-k
 # renormalisation) at a size a CPU decodes in milliseconds: 8 layers, hidden 512, fp32, 420M parameters (1.7 GB).
 # Its "overhead-only" twin has the same layers, experts, heads, vocabulary and k with hidden and expert sizes cut
@@ -75,10 +77,10 @@ class BenchConfig:
                 raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
         if self.new_tokens < 2:
             raise ValueError(f"`new_tokens` must be >= 2 to time a decode step, got {self.new_tokens}")
-        for name in ("ks", "batches"):
-            values = getattr(self, name)
-            if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
-                raise ValueError(f"`{name}` must be a non-empty list of integers >= 1, got {values!r}")
+        self.ks = check_ks(self.ks)
+        batches = self.batches
+        if not batches or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batches):
+            raise ValueError(f"`batches` must be a non-empty list of integers >= 1, got {batches!r}")
         unknown = [s for s in self.stock if s not in ("eager", "grouped_mm", "batched_mm")]
         if unknown:
             raise ValueError(f"`stock` must name eager, grouped_mm or batched_mm, got {unknown}")

@@ -40,6 +40,7 @@ from phds.bench.measure import (
 )
 from phds.engine.engine import Engine
 from phds.engine.experts import IMPLEMENTATION
+from phds.sidecar import check_ks
 
 
 def bench(config: BenchConfig, progress: Callable[[str], None] | None = None) -> dict:
@@ -57,9 +58,7 @@ def bench(config: BenchConfig, progress: Callable[[str], None] | None = None) ->
     note("building the model")
     model = build_model(config).eval()
     num_experts = dial.num_experts(model)
-    too_big = [k for k in config.ks if k > num_experts]
-    if too_big:
-        raise ValueError(f"`ks` must be at most the number of experts ({num_experts}), got {too_big}")
+    check_ks(config.ks, num_experts=num_experts)
     note("measuring memory bandwidth")
     bandwidth = measure_bandwidth()
     saved_implementation = model.config._experts_implementation

@@ -25,6 +25,7 @@ from phds.engine.cache import SlotCache, attention_masks
 from phds.engine.decode_linear import decode_linears
 from phds.engine.experts import IMPLEMENTATION, prepare_compile
 from phds.engine.sampling import SamplingParams, choose_tokens, make_generator
+from phds.sidecar import check_k
 
 logger = logging.getLogger(__name__)
 
@@ -144,9 +145,7 @@ class Engine:
             raise TypeError(f"`request` must be a phds.engine.Request, got {type(request).__name__}")
         if not isinstance(request.params, SamplingParams):
             raise ValueError(f"`request.params` must be SamplingParams, got {type(request.params).__name__}")
-        k = request.k
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= self.max_k:
-            raise ValueError(f"`k` must be an integer between 1 and {self.max_k}, got k={k!r}")
+        check_k(request.k, num_experts=self.max_k)
         prompt = list(request.prompt_ids)
         vocab = self.model.config.vocab_size
         if not prompt or any(

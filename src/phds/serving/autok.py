@@ -52,14 +52,13 @@ class AutoKPolicy:
     _samples: dict[int, deque] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        check_ks(self.ks)
+        self.ks = check_ks(self.ks)
         if not self.target_ms > 0:
             raise ValueError(f"`target_ms` must be > 0, got {self.target_ms}")
         if self.window < 1:
             raise ValueError(f"`window` must be >= 1, got {self.window}")
         if self.queue_step < 1:
             raise ValueError(f"`queue_step` must be >= 1, got {self.queue_step}")
-        self.ks = sorted(set(self.ks))
         self._samples = {k: deque(maxlen=self.window) for k in self.ks}
 
     def observe(self, k: int, per_token_ms: float) -> None:

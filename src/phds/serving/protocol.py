@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
+from phds.sidecar import check_k
+
 # A k in a request: experts per token, or "auto" for load-adaptive sparsity. Strict, so `true` is not k=1.
 KField = StrictInt | Literal["auto"] | None
 
@@ -84,9 +86,8 @@ class _SamplingFields(_Body):
     @field_validator("k")
     @classmethod
     def _positive_k(cls, k: KField) -> KField:
-        if isinstance(k, bool) or (isinstance(k, int) and k < 1):
-            raise ValueError(f"`k` must be a positive int or 'auto', got {k!r}")
-        return k
+        # only a k the request names is checked here; whether this checkpoint declares it, the service says
+        return k if k is None or k == "auto" else check_k(k)
 
 
 class CompletionRequest(_SamplingFields):
