@@ -4,7 +4,7 @@ The demo is the built-in spec `phds/experiment/specs/demo.toml` run by `phds.exp
 
     data       the synthetic skills (reverse, sort, sequence, copy), seeded, character level
     base       a tiny OLMoE-architecture MoE (16 experts, k_pre = 4) pretrained from scratch on them
-    runs       per SFT seed: PHDS over K = {2, 3, 4}, one fixed-k oracle per k (the one at k_pre is also the
+    runs       per SFT seed: PHDS over K = {1, 2, 3, 4}, one fixed-k oracle per k (the one at k_pre is also the
                ordinary SFT that the `sft-dialled` arm dials down), all with the same data, steps and lr
     eval       every run at the ks its arms need, and the base model at every k in K
     analysis   run-level differences of PHDS vs every arm at every k, verdicts against the declared margin,
@@ -30,7 +30,7 @@ QUICK = {
     "seeds": [0, 1],
     "base": {"pretrain": {"steps": 500}},
     "data": {"options": {"n_eval": 120}},
-    "training": {"max_steps": 100, "eval_steps": 100, "save_steps": 100, "warmup_steps": 5},
+    "training": {"max_steps": 150, "eval_steps": 150, "save_steps": 150, "warmup_steps": 8},
 }
 
 

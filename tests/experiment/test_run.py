@@ -143,3 +143,34 @@ def test_a_yaml_spec_reads_like_its_toml_twin(tmp_path):
     toml_data = read_spec_file(write_spec(tmp_path))
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(toml_data))
     assert load_spec(tmp_path / "spec.yaml", tmp_path / "o") == load_spec(tmp_path / "spec.toml", tmp_path / "o")
+
+
+def test_the_shipped_specs_are_valid(tmp_path):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    small_real = load_spec(root / "recipes" / "small-real" / "spec.toml", tmp_path)
+    assert small_real.margin_of("ppl") > 0 and len(small_real.seeds) >= 3
+    assert {arm.kind for arm in small_real.arms} == {"phds", "oracle", "sft-dialled", "base-dialled"}
+    assert small_real.data.train == str(tmp_path / "data" / "shakespeare_train.txt")
+
+
+@pytest.mark.slow
+def test_the_small_real_spec_runs_on_the_shared_data(shared_data, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.setenv("PHDS_DATA", str(shared_data))
+    root = Path(__file__).resolve().parents[2]
+    quick = {
+        "seeds": [0, 1],
+        "ks": [2, 4],
+        "arms": [{"kind": "phds"}, {"kind": "sft-dialled"}],
+        "base": {"pretrain": {"steps": 2}},
+        "training": {"max_steps": 2, "eval_steps": 2, "save_steps": 2},
+        "evaluation": {"limit": 2},
+    }
+    spec = load_spec(root / "recipes" / "small-real" / "spec.toml", tmp_path, quick)
+    result = run_experiment(spec, tmp_path, say=lambda _: None)
+    assert set(result.results["tasks"]) == {"shakespeare", "wikitext2_test"}
+    assert result.results["tasks"]["shakespeare"]["metric"] == "ppl"
+    assert all(c["verdict"] for c in result.results["tasks"]["shakespeare"]["comparisons"])

@@ -399,11 +399,16 @@ def _train_and_evaluate(spec, the_plan, out, base_dir, base_settings, stages, sa
             _do_job(job, **common)
         return
     context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked torch thread pools
+    started = time.perf_counter()
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         futures = {pool.submit(_do_job, job, quiet=True, **common): job for job in work}
         for index, future in enumerate(concurrent.futures.as_completed(futures), 1):
             future.result()  # a failed job fails the experiment, with the worker's exception
-            say(f"  [{index}/{len(work)}] done: {futures[future].name}")
+            elapsed = time.perf_counter() - started
+            left = elapsed / index * (len(work) - index)
+            say(
+                f"  [{index}/{len(work)}] done: {futures[future].name}  ({elapsed / 60:.1f} min, ~{left / 60:.1f} left)"
+            )
 
 
 def _pending_evaluations(spec, the_plan, stages, run, seed, model_settings, train) -> list[dict[str, Any]]:
