@@ -171,7 +171,7 @@ def test_phds_train_help_documents_every_option_with_its_default():
         "--out",
         "--lora",
         "--resume",
-        "--mask-epsilon",
+        "--epsilon",
         "--aux-loss-coef",
         "--select-by",
         "--eval-data",

@@ -189,11 +189,11 @@ class _RecordRouterPlan(TrainerCallback):
 @pytest.mark.parametrize(("epsilon", "renormalize"), [(1e-6, None), (0.0, False)])
 def test_routing_options_are_applied_in_training_and_evaluation(tmp_path, addition_rows, epsilon, renormalize):
     recorder = _RecordRouterPlan()
-    config = fast_config(tmp_path / "r", ks=[2, 4], mask_epsilon=epsilon, renormalize=renormalize, max_steps=3)
+    config = fast_config(tmp_path / "r", ks=[2, 4], epsilon=epsilon, renormalize=renormalize, max_steps=3)
     result = train("tiny:qwen3_moe", config, train_data=addition_rows, callbacks=[recorder])
     assert set(result.validation_loss) == {2, 4}
     assert recorder.plan.epsilon == epsilon and recorder.plan.renormalize is renormalize
-    assert phds.read_sidecar(tmp_path / "r").made_by["mask_epsilon"] == epsilon
+    assert phds.read_sidecar(tmp_path / "r").made_by["epsilon"] == epsilon
 
 
 def test_gsm8k_question_answer_rows_train_from_the_shared_data_file(tmp_path, shared_data):

@@ -44,7 +44,7 @@ class PHDSConfig(SFTConfig):
         fixed_k: train a fixed-k oracle at this k instead of PHDS (then `ks` must be None or `[fixed_k]`).
 
     Parameters that control routing:
-        mask_epsilon: weight of dropped experts (0 drops them; 1e-6 reproduces the paper, computing k_pre experts).
+        epsilon: weight of dropped experts (0 drops them; 1e-6 reproduces the paper, computing k_pre experts).
         renormalize: rescale the kept top-k weights (None follows the model's router).
         aux_loss_coef: load-balancing loss coefficient, computed at the dialled k (None: the model's own; 0 off).
 
@@ -108,7 +108,7 @@ class PHDSConfig(SFTConfig):
     )
 
     # ------------------------------------------------------------------ routing
-    mask_epsilon: float = field(
+    epsilon: float = field(
         default=0.0,
         metadata={
             "help": "Weight of dropped experts: 0 drops them, 1e-6 keeps them computed (faithful reproduction)."
@@ -208,8 +208,8 @@ class PHDSConfig(SFTConfig):
             raise ValueError(f"`anchor_fraction` must be in [0, 1], got anchor_fraction={self.anchor_fraction}")
         if self.k_weights is not None and self.ks is not None and len(self.k_weights) != len(self.ks):
             raise ValueError(f"`k_weights` needs one weight per k in ks={self.ks}, got k_weights={self.k_weights}")
-        if not (0.0 <= self.mask_epsilon < 1.0) or not math.isfinite(self.mask_epsilon):
-            raise ValueError(f"`mask_epsilon` must be in [0, 1), got mask_epsilon={self.mask_epsilon}")
+        if not (0.0 <= self.epsilon < 1.0) or not math.isfinite(self.epsilon):
+            raise ValueError(f"`epsilon` must be in [0, 1), got epsilon={self.epsilon}")
         if self.aux_loss_coef is not None and (self.aux_loss_coef < 0 or not math.isfinite(self.aux_loss_coef)):
             raise ValueError(f"`aux_loss_coef` must be a finite number >= 0, got aux_loss_coef={self.aux_loss_coef}")
         if self.select_by not in SELECT_BY:

@@ -190,7 +190,7 @@ def _made_by(
         "seed": config.seed,
         "select_by": config.select_by,
         "eval_ks": eval_ks,
-        "mask_epsilon": config.mask_epsilon,
+        "epsilon": config.epsilon,
         "renormalize": config.renormalize,
         "lora": config.lora,
         "versions": {"transformers": transformers.__version__, "torch": torch.__version__},
@@ -287,7 +287,7 @@ def _build(
     if plan.eval_rows is None:
         trainer_args.eval_strategy = transformers.IntervalStrategy.NO
     phds_callback = PHDSCallback(
-        plan.schedule, epsilon=config.mask_epsilon, renormalize=config.renormalize, history_path=out / LOG_NAME
+        plan.schedule, epsilon=config.epsilon, renormalize=config.renormalize, history_path=out / LOG_NAME
     )
     trainer = PHDSTrainer(
         model=plan.model,
@@ -299,7 +299,7 @@ def _build(
         eval_ks=plan.eval_ks,
         select_by=config.select_by,
         k_select=plan.k_select,
-        mask_epsilon=config.mask_epsilon,
+        epsilon=config.epsilon,
         renormalize=config.renormalize,
     )
     if len(trainer.train_dataset) == 0 or (trainer.eval_dataset is not None and len(trainer.eval_dataset) == 0):

@@ -46,7 +46,7 @@ class PHDSTrainer(SFTTrainer):
         eval_ks: the ks the validation set is evaluated at (default: the declared ks).
         select_by: "k_pre", "mean" or "final" (see `selection_score`).
         k_select: the k whose loss "k_pre" selection uses.
-        mask_epsilon, renormalize: the routing options training uses, applied at evaluation too.
+        epsilon, renormalize: the routing options training uses, applied at evaluation too.
         *args, **kwargs: `SFTTrainer`'s.
 
     Example: `PHDSTrainer(model=model, args=config, train_dataset=rows, eval_dataset=val, eval_ks=[2, 3, 4])`.
@@ -58,7 +58,7 @@ class PHDSTrainer(SFTTrainer):
         eval_ks: list[int],
         select_by: str = "k_pre",
         k_select: int | None = None,
-        mask_epsilon: float = 0.0,
+        epsilon: float = 0.0,
         renormalize: bool | None = None,
         **kwargs,
     ) -> None:
@@ -67,7 +67,7 @@ class PHDSTrainer(SFTTrainer):
         self.k_select = k_select if k_select is not None else max(self.eval_ks)
         if select_by == "k_pre" and self.k_select not in self.eval_ks:
             raise ValueError(f"`k_select`={self.k_select} must be one of the evaluated ks {self.eval_ks}")
-        self.mask_epsilon = mask_epsilon
+        self.epsilon = epsilon
         self.renormalize = renormalize
         super().__init__(*args, **kwargs)
 
@@ -81,7 +81,7 @@ class PHDSTrainer(SFTTrainer):
         aux_loss_enabled, self.aux_loss_enabled = self.aux_loss_enabled, False
         try:
             for k in self.eval_ks:
-                with dial.sparsity(self.model, k, epsilon=self.mask_epsilon, renormalize=self.renormalize):
+                with dial.sparsity(self.model, k, epsilon=self.epsilon, renormalize=self.renormalize):
                     last = super().evaluation_loop(
                         dataloader, f"{description} at k={k}", prediction_loss_only, ignore_keys, metric_key_prefix
                     )
