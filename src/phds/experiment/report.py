@@ -142,6 +142,11 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def markdown_summary(results: dict[str, Any]) -> list[str]:
+    """The summary lines as a Markdown list (indented lines become nested items)."""
+    return [("  - " if line.startswith("  ") else "- ") + line.strip() for line in summary_lines(results)]
+
+
 def plot_frontier(results: dict[str, Any], path: Path) -> Path:
     """Mean primary metric over seeds vs k, one line per arm (the oracles joined into one line, each at its own
     k), every seed's run drawn as a dot."""
@@ -173,7 +178,7 @@ def plot_frontier(results: dict[str, Any], path: Path) -> Path:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", ncol=min(5, len(labels)), fontsize=9)
     fig.suptitle(f"mean over {len(results['seeds'])} seeds (dots: single runs)", y=0.02, va="bottom", fontsize=9)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.88))
+    fig.tight_layout(rect=(0, 0.05, 1, 0.93))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -238,7 +243,7 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
         "",
         "## Summary",
         "",
-        *[f"- {line.strip()}" for line in summary_lines(results)],
+        *markdown_summary(results),
         "",
         "## Results per task",
         "",
@@ -254,7 +259,8 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
         f"Command: `{provenance.get('command')}`  ",
         f"Versions: {provenance.get('versions')}  ",
         f"Machine: {provenance.get('machine')}; {provenance.get('jobs')} job(s) × "
-        f"{provenance.get('threads_per_job')} thread(s); this invocation {provenance.get('minutes_this_invocation')} "
+        f"{provenance.get('threads_per_job')} thread(s); {provenance.get('minutes_to_compute')} min to compute, this "
+        f"invocation {provenance.get('minutes_this_invocation')} "
         f"min ({provenance.get('stages_reused')} finished stages reused).",
         "",
     ]

@@ -242,7 +242,9 @@ def run_experiment(
         torch.set_num_threads(previous_threads)
     say("[bold]analysis[/]: run-level comparisons against the declared margins")
     results = analyse(spec, the_plan, out)
-    results["provenance"] = _provenance(command, time.perf_counter() - started, stages, jobs, per_job_threads)
+    seconds = time.perf_counter() - started
+    results["provenance"] = _provenance(command, seconds, stages, jobs, per_job_threads)
+    results["provenance"]["minutes_to_compute"] = _add_compute_time(out, seconds if stages.ran else 0.0, command)
     (out / RESULTS_NAME).write_text(json.dumps(results, indent=1) + "\n")
     summary = summary_lines(results)
     report = write_report(results, out)
@@ -504,6 +506,17 @@ def _data_digest(out: Path) -> str | None:
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _add_compute_time(out: Path, seconds: float, command: str | None) -> float:
+    """Wall minutes of every invocation that ran a stage, summed in OUT/timing.json (a re-analysis adds nothing),
+    so the results say what computing them cost, not what the last re-run cost."""
+    path = out / "timing.json"
+    timing = json.loads(path.read_text()) if path.is_file() else {"invocations": []}
+    if seconds:
+        timing["invocations"].append({"command": command, "minutes": round(seconds / 60, 2)})
+        path.write_text(json.dumps(timing, indent=1) + "\n")
+    return round(sum(entry["minutes"] for entry in timing["invocations"]), 2)
 
 
 def _provenance(command, seconds, stages, jobs, threads) -> dict[str, Any]:
