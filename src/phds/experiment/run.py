@@ -232,11 +232,12 @@ def run_experiment(
     stages = Stages(out, force)
     previous_threads = torch.get_num_threads()
     per_job_threads = threads or max(1, previous_threads // jobs)
-    torch.set_num_threads(per_job_threads)
+    torch.set_num_threads(threads or previous_threads)  # pretraining runs alone: every core it is given
     try:
         _make_data(spec, out, stages, say)
         base_dir, base_settings = _base_model(spec, out, stages, say)
         the_plan = plan(spec, _k_pre(base_dir))
+        torch.set_num_threads(per_job_threads)
         _train_and_evaluate(spec, the_plan, out, base_dir, base_settings, stages, say, jobs, per_job_threads)
     finally:
         torch.set_num_threads(previous_threads)
