@@ -87,7 +87,10 @@ def test_a_second_run_with_the_same_settings_reuses_every_stage(demo_run):
 @pytest.mark.slow
 def test_a_new_seed_runs_only_its_own_stages(demo_run):
     out, first, _ = demo_run
+    declared = json.loads((out / "spec.json").read_text())["declared"]
     more = run_demo(out, overrides={**TINY, "seeds": [0, 1, 2]}, jobs=1, say=lambda _: None)
+    spec = json.loads((out / "spec.json").read_text())
+    assert spec["declared"] == declared and spec["spec"]["seeds"] == [0, 1, 2]  # same judging rules, more seeds
     assert sorted(more.stages_run) == [
         "eval/phds/seed2",
         "eval/sft-dialled/seed2",

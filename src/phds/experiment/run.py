@@ -268,7 +268,10 @@ def _declare(spec: ExperimentSpec, out: Path, force: bool) -> None:
                 f"{path} declared {what} before its runs; "
                 "judging rules cannot change after results exist: use a new output folder (or --force to redo all)"
             )
-        if not changed:
+        if not changed:  # the same judging rules: keep when they were declared, record the rest as it is now
+            path.write_text(
+                json.dumps({"declared": earlier["declared"], "spec": _jsonable(declared)}, indent=1) + "\n"
+            )
             return
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     path.write_text(json.dumps({"declared": stamp, "spec": _jsonable(declared)}, indent=1) + "\n")
@@ -405,13 +408,17 @@ def _train_and_evaluate(spec, the_plan, out, base_dir, base_settings, stages, sa
     started = time.perf_counter()
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         futures = {pool.submit(_do_job, job, quiet=True, **common): job for job in work}
-        for index, future in enumerate(concurrent.futures.as_completed(futures), 1):
-            future.result()  # a failed job fails the experiment, with the worker's exception
-            elapsed = time.perf_counter() - started
-            left = elapsed / index * (len(work) - index)
-            say(
-                f"  [{index}/{len(work)}] done: {futures[future].name}  ({elapsed / 60:.1f} min, ~{left / 60:.1f} left)"
-            )
+        try:
+            for index, future in enumerate(concurrent.futures.as_completed(futures), 1):
+                future.result()  # a failed job fails the experiment, with the worker's exception
+                elapsed = time.perf_counter() - started
+                left = elapsed / index * (len(work) - index)
+                name = futures[future].name
+                say(f"  [{index}/{len(work)}] done: {name}  ({elapsed / 60:.1f} min, ~{left / 60:.1f} left)")
+        except BaseException:
+            for future in futures:  # jobs not started never start; running ones finish (their stages are kept)
+                future.cancel()
+            raise
 
 
 def _pending_evaluations(spec, the_plan, stages, run, seed, model_settings, train) -> list[dict[str, Any]]:
