@@ -1,7 +1,7 @@
 """Linear layers for decode-sized inputs (a few rows) on the CPU at memory bandwidth: a decode step's main cost.
 
 For one input row torch's CPU `linear` runs a gemv kernel on one core at about a third of the machine's memory
-bandwidth (issue 7's model, 2 cores: 15.5 GB/s where summing a large tensor reads 48), and for 2-64 rows its
+bandwidth (the olmoe-shape-small benchmark model, 2 cores: 15.5 GB/s where summing a large tensor reads 48), and for 2-64 rows its
 gemm is no faster. The same product written as a batched matmul over a few blocks of the weight's rows,
 `bmm(W as (blocks, O/blocks, D), x^T)`, takes another path: 2-4x at 1-8 rows, 1.1-1.5x at 16-64
 (`benchmarks/bench_decode_linear.py`), equal up to summation order.

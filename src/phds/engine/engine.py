@@ -80,7 +80,7 @@ class Engine:
         max_seq_len: prompt + new tokens per request (default: the model's `max_position_embeddings`).
         compile: compile the one-token decode forward with `torch.compile(dynamic=True)` (gpt-fast's split:
             prefill shapes vary too much). Each k and batch shape compiles once, 4-16 s on a 2-core CPU; then a
-            batch-1 step of issue 7's model is 1.5-1.6x faster there (`benchmarks/bench_compile.py`). One token's
+            batch-1 step of the olmoe-shape-small benchmark model is 1.5-1.6x faster there (`benchmarks/bench_compile.py`). One token's
             experts are gathered by index inside the graph, a batch's run as one opaque op
             (`experts.prepare_compile`). CUDA graphs are not used, and compiling on CUDA is untested (no GPU in
             this project's CI).

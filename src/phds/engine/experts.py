@@ -113,7 +113,7 @@ def _gathered_matvec(weight_KOI: torch.Tensor, x_nI: torch.Tensor, transposed: b
 def _one_token_gathered(experts, x_1D: torch.Tensor, expert_K: torch.Tensor, weight_K: torch.Tensor) -> torch.Tensor:
     """One token under `torch.compile`: gather the chosen experts' weights by index (gpt-fast's MoE layer) and
     multiply-and-sum, which Inductor fuses into one pass over those weights (no copy of them, no Python per expert).
-    Replacing the opaque op at one token took the compiled engine on the issue's model from 3.17 to 2.62 ms a step at
+    Replacing the opaque op at one token took the compiled engine on the olmoe-shape-small benchmark model from 3.17 to 2.62 ms a step at
     k=1 and from 9.38 to 6.13 at k=8 (`benchmarks/bench_compile.py`). Every slot is computed;
     at one token the dial's k is the router's top-k, so no slot weighs 0 unless the model is dialled per row."""
     up_weight, up_bias = _up_weights(experts)
@@ -162,7 +162,7 @@ def prepare_compile(model: torch.nn.Module) -> None:
 
 
 def _few_tokens_is_faster(num_tokens: int, num_slots: int, num_experts: int) -> bool:
-    # Measured on one layer of the issue's model (64 experts, 2 threads), per-expert calls through decode_linear
+    # Measured on one layer of the olmoe-shape-small benchmark model (64 experts, 2 threads), per-expert calls through decode_linear
     # against the grouped kernel: 3.2x faster at 8 tokens x k=1, 1.8x at 8 x 8, 1.3x at 32 x 8 and 128 x 2 (256
     # pairs, 4 per expert), a tie at 64 x 8 and 0.8x at 128 x 8.
     return num_tokens * num_slots <= 4 * num_experts
