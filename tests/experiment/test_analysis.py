@@ -134,6 +134,8 @@ def test_oracles_cross_k_agreement_is_shown_beside_its_same_k_floor(tmp_path):
         write_eval(tmp_path, f"oracle-k4/seed{seed}", {"easy": {4: columns(50, half if seed == 0 else quarter)}})
     agreement = analyse(spec, the_plan, tmp_path)["tasks"]["easy"]["agreement"]
     assert agreement["oracles_cross_k"]["per"] == {"0": 0.5, "1": 0.75}
+    # across seeds too: oracle-k2 seed 0 vs oracle-k4 seed 1 (a quarter differ)
+    assert agreement["oracles_cross_k_other_seeds"]["per"] == {"0-1": 0.75}
     # same k, other seed: oracle-k2's seeds agree on everything, oracle-k4's on a quarter of the items
     assert agreement["same_k_floor"]["oracle-k4"]["per"] == {"0-1": 0.25}
     assert agreement["oracles_same_k_floor"]["mean"] == pytest.approx((1.0 + 0.25) / 2)

@@ -70,9 +70,7 @@ def train_command(
     eval_k: str | None = typer.Option(
         None, "--eval-k", help="ks the validation loss is computed at, e.g. '2,3,4' or '2-4'. [default: the ks]"
     ),
-    epsilon: float = typer.Option(
-        0.0, "--epsilon", help="Weight of dropped experts (1e-6: faithful reproduction)."
-    ),
+    epsilon: float = typer.Option(0.0, "--epsilon", help="Weight of dropped experts (1e-6: faithful reproduction)."),
     renormalize: bool | None = typer.Option(
         None, "--renormalize/--no-renormalize", help="Rescale kept top-k weights. [default: the router's own]"
     ),

@@ -5,9 +5,10 @@ Agreement is reported three ways, because "PHDS agrees with itself across k more
 other" mostly measures "one model vs several":
 - **self-agreement** of an arm's run across its ks (mean over pairs k < k'), compared between the reference and
   every other single-checkpoint arm (`sft-dialled`, `base-dialled`) run by run — the fair comparison;
-- the oracles' **cross-k agreement** (oracle-k at k vs oracle-k' at k', same seed), shown beside
-- its **same-k floor**: two oracles at the same k from different seeds; cross-k agreement near the floor says the
-  oracles disagree across k because they are different models, not because of k.
+- the oracles' **cross-k agreement** (oracle-k at k vs oracle-k' at k', same seed, and across different seeds),
+  shown beside
+- its **same-k floor**: two oracles at the same k from different seeds; cross-k agreement across seeds near the
+  floor says the oracles disagree across k because they are different models, not because of k.
 """
 
 from __future__ import annotations
@@ -193,6 +194,15 @@ def _agreement(spec, the_plan, evals: Evaluations, position: int, positionwise: 
             for seed in spec.seeds
         }  # fmt: skip
         result["oracles_cross_k"] = _interval(cross.values(), spec.confidence, cross)
+        if len(spec.seeds) >= 2:
+            # Runs with one seed share their data order, so same-seed pairs agree more than the different-seed floor
+            # for that reason alone: across k *and* seeds is the like-for-like counterpart of the floor.
+            across = {
+                f"{s}-{t}": float(np.mean([agree(predictions(oracles[a], s, a), predictions(oracles[b], t, b))
+                                           for a, b in pairs]))
+                for s, t in itertools.combinations(spec.seeds, 2)
+            }  # fmt: skip
+            result["oracles_cross_k_other_seeds"] = _interval(across.values(), spec.confidence, across)
     result["same_k_floor"] = {}
     if len(spec.seeds) >= 2:
         seed_pairs = list(itertools.combinations(spec.seeds, 2))

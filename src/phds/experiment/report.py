@@ -90,7 +90,13 @@ def agreement_table(results: dict[str, Any], task_name: str) -> list[str]:
     if "oracles_cross_k" in agreement:
         entry = agreement["oracles_cross_k"]
         lines.append(
-            f"| oracles across k (oracle-k at k vs oracle-k′ at k′) | {_num(entry['mean'])} | "
+            f"| oracles across k, same seed (oracle-k at k vs oracle-k′ at k′) | {_num(entry['mean'])} | "
+            f"{_interval(entry, signed=False)} |"
+        )
+    if "oracles_cross_k_other_seeds" in agreement:
+        entry = agreement["oracles_cross_k_other_seeds"]
+        lines.append(
+            f"| oracles across k and seeds (oracle-k seed s vs oracle-k′ seed t) | {_num(entry['mean'])} | "
             f"{_interval(entry, signed=False)} |"
         )
     if "oracles_same_k_floor" in agreement:
@@ -135,7 +141,7 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
             theirs = task["agreement"]["self"][arm]["mean"]
             lines.append(
                 f"  {name} agreement across k: {reference} {mine:.3f} vs {arm} {theirs:.3f} "
-                f"(Δ {diff['mean']:+.3f} {_interval(diff)})"
+                f"(Δ {_num(diff['mean'], 3, True)} {_interval(diff)})"
             )
     if seeds < 3:
         lines.append(f"  only {seeds} seed(s) per arm: indicative, not evidence")
