@@ -17,7 +17,7 @@ seeds = [0, 1]
 margin = {{ acc_norm = 0.05, exact_match = 0.05 }}
 base = {{ model = "tiny:olmoe" }}
 data = {{ train = "{{spec}}/sft.jsonl", valid = "{{spec}}/valid.jsonl", tasks = ["{{spec}}/quiz.jsonl", "{{spec}}/sums.jsonl"] }}
-training = {{ max_steps = 2, per_device_train_batch_size = 4, max_length = 24, eval_steps = 2, save_steps = 2, warmup_steps = 0, report_to = "none" }}
+training = {{ max_steps = 2, per_device_train_batch_size = 4, max_length = 24, eval_steps = 2, save_steps = 2, warmup_steps = 0, report_to = "none", disable_tqdm = true }}
 evaluation = {{ max_new_tokens = 3, batch_size = 8 }}
 arms = [{{ kind = "phds" }}, {{ kind = "sft-dialled" }}, {{ kind = "base-dialled" }}]
 {extra}

@@ -469,12 +469,10 @@ def _train_one(stages: Stages, spec: dict, *, stage, settings, base, seed, field
 
     folder = stages.out / stage
     config = training.PHDSConfig(
+        **{"disable_tqdm": quiet, **spec["training"], **fields},
         output_dir=str(folder / "model"),
         seed=seed,
-        disable_tqdm=quiet,
         resume_from_checkpoint=True if (folder / "model" / "checkpoints").is_dir() else None,
-        **spec["training"],
-        **fields,
     )
     result = training.train(base, config, train_data=spec["data"]["train"], eval_data=spec["data"]["valid"])
     stages.finish(

@@ -187,7 +187,8 @@ class ExperimentSpec:
         bad = {m: v for m, v in self.margin.items() if not isinstance(v, (int, float)) or v < 0}
         if bad:
             raise ValueError(f"`margin` values must be non-negative numbers, got {bad}")
-        for key in ("output_dir", "seed", "fixed_k", "ks", "anchor_k", "select_by", "eval_ks"):
+        per_run = ("output_dir", "seed", "fixed_k", "ks", "anchor_k", "anchor_fraction", "select_by", "eval_ks")
+        for key in (*per_run, "resume_from_checkpoint"):
             if key in self.training:
                 raise ValueError(f"`training.{key}` is set by the experiment per run (arm, seed, checkpoint rule)")
         self.arms = _expand_arms(self.arms, self.ks)
