@@ -133,6 +133,8 @@ def test_spec_errors_name_the_field(tmp_path):
         load_spec(path, tmp_path / "out", {"arms": [{"kind": "phds"}, {"kind": "oracle", "k": 3}]})
     with pytest.raises(ValueError, match="`seeds` must be distinct"):
         load_spec(path, tmp_path / "out", {"seeds": [1, 1]})
+    with pytest.raises(ValueError, match="holdout generator needs"):
+        load_spec(path, tmp_path / "out", {"data": {"generator": "holdout", "options": {"name": "x"}}})
 
 
 def test_a_yaml_spec_reads_like_its_toml_twin(tmp_path):

@@ -133,6 +133,8 @@ class Data:
             raise ValueError("`data.tasks` must name at least one evaluation task")
         if self.generator is not None and self.generator not in GENERATORS:
             raise ValueError(f"`data.generator` must be one of {list(GENERATORS)}, got {self.generator!r}")
+        if self.generator == "holdout" and not {"source", "name"} <= set(self.options):
+            raise ValueError(f"the holdout generator needs `data.options.source` and `.name`, got {self.options}")
 
 
 @dataclass(kw_only=True)
