@@ -38,7 +38,7 @@ def test_user_columns_map_to_prompt_and_completion_and_others_are_dropped():
         ([], {}, "empty"),
         ([{"question": "q"}], {}, "needs a `text` column"),
         ([{"prompt": "q", "completion": "a"}], {"prompt_column": "missing"}, "no column 'missing'"),
-        ([{"text": 3}], {}, "must hold strings"),
+        ([{"text": 3}], {}, r"row 1: field `text` must be a string, got a int"),
         ([{"messages": "hi"}], {}, "messages"),
     ],
 )
@@ -64,3 +64,49 @@ def test_validation_is_held_out_from_training_rows_deterministically():
     train_rows, eval_rows = prepare_data(rows, None, eval_fraction=0.5, max_eval_samples=3)
     assert len(eval_rows) == 3 and len(train_rows) == 20
     assert prepare_data(rows, None, eval_fraction=0.0)[1] is None
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        # a missing or null completion on the third row (line 4: a blank line is skipped, not counted as a row)
+        (
+            b'{"prompt": "a", "completion": "b"}\n\n{"prompt": "c", "completion": "d"}\n{"prompt": "e"}\n',
+            r"data.jsonl:4: field `completion` must be a string, got missing or null",
+        ),
+        (
+            b'{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": null}\n',
+            r"data.jsonl:2: field `completion` must be a string, got missing or null",
+        ),
+        (
+            b'{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": 7}\n',
+            r"data.jsonl:2: field `completion` must be a string, got a int",
+        ),
+        # malformed JSON and non-objects: 1-based lines
+        (b'{"prompt": "a", "completion": "b"}\n{"prompt": "c", \n', r"data.jsonl:2: invalid JSON"),
+        (b'{"prompt": "a", "completion": "b"}\n[1, 2]\n', r"data.jsonl:2: each line must be a JSON object"),
+        # invalid UTF-8, named by line too
+        (
+            b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff", "completion": "d"}\n',
+            r"data.jsonl:2: invalid UTF-8",
+        ),
+    ],
+)
+def test_every_data_error_names_the_file_line_and_field(tmp_path, content, message):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        prepare_data(str(path), None, eval_fraction=0)
+
+
+def test_invalid_utf8_in_a_text_file_names_its_line(tmp_path):
+    path = tmp_path / "data.txt"
+    path.write_bytes(b"one\ntwo\nth\xc3ree\n")
+    with pytest.raises(ValueError, match=r"data.txt:3: invalid UTF-8"):
+        read_rows(path)
+
+
+def test_rows_of_a_list_are_named_by_their_1_based_number():
+    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": None}]
+    with pytest.raises(ValueError, match=r"row 2: field `completion`"):
+        prepare_data(rows, None, eval_fraction=0)

@@ -8,9 +8,10 @@ Three row shapes are accepted, the ones TRL's `SFTTrainer` formats itself:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import datasets
@@ -27,17 +28,55 @@ def _looks_like_path(source: str) -> bool:
     return Path(source).suffix.lower() in FILE_BUILDERS or source.startswith((".", "/", "~")) or source.count("/") > 1
 
 
-def read_rows(source: DataSource, *, what: str = "train_data", split: str = "train") -> datasets.Dataset:
-    """Rows of a local jsonl/json/parquet/csv/txt file, a `datasets` hub name, a `Dataset` or a list of dicts.
+def _check_text_file(path: Path, builder: str, what: str) -> list[int] | None:
+    """Check a text-format file before `datasets` reads it; the 1-based line of each row, for a JSON-lines file.
 
-    Raises:
-        FileNotFoundError: a path that does not exist.
-        ValueError: an unsupported file type, or a source of the wrong kind.
-
-    Example: `read_rows("data/train.jsonl")`.
+    Every problem is reported as `path:line` (1-based): invalid UTF-8 in any text file, and a line that is not a
+    JSON object in a JSON-lines file. A `.json` file holding one JSON document (a list of rows) has no line per row:
+    None then, and rows are named by their 1-based number instead.
     """
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ValueError(
+            f"`{what}` {path}:{line}: invalid UTF-8 (byte {data[error.start]:#04x}); save the file as UTF-8"
+        ) from None
+    if builder != "json":
+        return None
+    if path.suffix.lower() == ".json" and text.lstrip().startswith(("[", "{\n", "{\r")):
+        try:
+            json.loads(text)
+            return None  # one JSON document
+        except json.JSONDecodeError as error:
+            if text.lstrip().startswith("["):
+                raise ValueError(f"`{what}` {path}:{error.lineno}: invalid JSON: {error.msg}") from None
+    lines = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"`{what}` {path}:{number}: invalid JSON ({error.msg}, column {error.colno}); "
+                "each line must be one JSON object"
+            ) from None
+        if not isinstance(row, dict):
+            raise ValueError(f"`{what}` {path}:{number}: each line must be a JSON object, got {type(row).__name__}")
+        lines.append(number)
+    return lines
+
+
+def _read(source: DataSource, what: str, split: str) -> tuple[datasets.Dataset, Callable[[int], str]]:
+    """`read_rows`, and a function naming row i (0-based) for error messages: `path:line` for JSON-lines files."""
+
+    def by_number(index: int) -> str:
+        return f"row {index + 1}"
+
     if isinstance(source, datasets.Dataset):
-        return source
+        return source, by_number
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
         path = Path(text).expanduser()
@@ -49,19 +88,22 @@ def read_rows(source: DataSource, *, what: str = "train_data", split: str = "tra
                 )
             if not path.read_bytes().strip():
                 raise ValueError(f"`{what}` is empty: {text} has no rows")
+            lines = _check_text_file(path, builder, what) if builder != "parquet" else None
             try:
                 rows = datasets.load_dataset(builder, data_files=str(path), split="train")
             except Exception as error:  # malformed JSON/parquet surface as many exception types
                 raise ValueError(f"`{what}` could not be read as {builder}: {text}: {error}") from error
             if builder == "text":
                 rows = rows.filter(lambda row: bool(row["text"].strip()))
-            return rows
+            if lines is not None and len(lines) == len(rows):
+                return rows, lambda index: f"{path}:{lines[index]}"
+            return rows, lambda index: f"{path} row {index + 1}"
         if path.is_dir():
-            return datasets.load_dataset(str(path), split=split)
+            return datasets.load_dataset(str(path), split=split), by_number
         if _looks_like_path(text):
             raise FileNotFoundError(f"`{what}` file not found: {text}")
         try:
-            return datasets.load_dataset(text, split=split)
+            return datasets.load_dataset(text, split=split), by_number
         except Exception as error:  # datasets raises many kinds (hub errors, missing splits, ...)
             raise ValueError(
                 f"`{what}`={text!r} is neither a local file nor a loadable datasets name: {error}"
@@ -69,10 +111,23 @@ def read_rows(source: DataSource, *, what: str = "train_data", split: str = "tra
     if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
         if not all(isinstance(row, Mapping) for row in source):
             raise ValueError(f"`{what}` as a list must hold dicts (rows), got {type(source[0]).__name__} items")
-        return datasets.Dataset.from_list([dict(row) for row in source])
+        return datasets.Dataset.from_list([dict(row) for row in source]), by_number
     raise ValueError(
         f"`{what}` must be a path, a datasets name, a datasets.Dataset or a list of dicts, got {type(source).__name__}"
     )
+
+
+def read_rows(source: DataSource, *, what: str = "train_data", split: str = "train") -> datasets.Dataset:
+    """Rows of a local jsonl/json/parquet/csv/txt file, a `datasets` hub name, a `Dataset` or a list of dicts.
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+        ValueError: an unsupported file type, a source of the wrong kind, invalid UTF-8 or a line that is not a
+            JSON object (named as `path:line`, 1-based).
+
+    Example: `read_rows("data/train.jsonl")`.
+    """
+    return _read(source, what, split)[0]
 
 
 def select_columns(
@@ -82,11 +137,15 @@ def select_columns(
     text_field: str = "text",
     prompt_column: str | None = None,
     completion_column: str | None = None,
+    locate: Callable[[int], str] | None = None,
 ) -> datasets.Dataset:
     """Rename the user's columns to TRL's (`prompt`, `completion`), keep only the ones training reads, and check.
 
+    Every row is checked; a bad one is named by `locate(index)` (default "row N", 1-based) and the field.
+
     Raises:
-        ValueError: an empty dataset, or one without `messages`, `prompt`+`completion` or the text column.
+        ValueError: an empty dataset, one without `messages`, `prompt`+`completion` or the text column, or a row
+            whose value there is missing, null or of the wrong type.
 
     Example: `select_columns(rows, prompt_column="question", completion_column="answer")`.
     """
@@ -114,16 +173,18 @@ def select_columns(
             f"a `messages` column (chat); it has {sorted(columns)}. Map yours with prompt_column/completion_column."
         )
     rows = rows.select_columns(keep)
-    first = rows[0]
+    where = locate or (lambda index: f"row {index + 1}")
     for column in keep:
-        value = first[column]
-        if column == "messages":
-            if not isinstance(value, list) or not value or not all(isinstance(m, Mapping) for m in value):
-                raise ValueError(
-                    f"`{what}` column `messages` must hold lists of {{role, content}} dicts, got {value!r}"
-                )
-        elif not isinstance(value, str):
-            raise ValueError(f"`{what}` column `{column}` must hold strings, got {type(value).__name__}")
+        for index, value in enumerate(rows[column]):
+            if column == "messages":
+                if not isinstance(value, list) or not value or not all(isinstance(m, Mapping) for m in value):
+                    raise ValueError(
+                        f"`{what}` {where(index)}: field `messages` must be a non-empty list of {{role, content}} "
+                        f"dicts, got {value!r:.80}"
+                    )
+            elif not isinstance(value, str):
+                got = "missing or null" if value is None else f"a {type(value).__name__}"
+                raise ValueError(f"`{what}` {where(index)}: field `{column}` must be a string, got {got}")
     return rows
 
 
@@ -163,9 +224,11 @@ def prepare_data(
     Example: `train_rows, eval_rows = prepare_data("train.jsonl", None, eval_fraction=0.1)`.
     """
     columns = dict(text_field=text_field, prompt_column=prompt_column, completion_column=completion_column)
-    train_rows = select_columns(read_rows(train_data, what="train_data", split=split), what="train_data", **columns)
+    rows, locate = _read(train_data, "train_data", split)
+    train_rows = select_columns(rows, what="train_data", locate=locate, **columns)
     if eval_data is not None:
-        eval_rows = select_columns(read_rows(eval_data, what="eval_data", split=split), what="eval_data", **columns)
+        rows, locate = _read(eval_data, "eval_data", split)
+        eval_rows = select_columns(rows, what="eval_data", locate=locate, **columns)
     else:
         train_rows, eval_rows = split_validation(train_rows, eval_fraction=eval_fraction, seed=seed)
     if eval_rows is not None and max_eval_samples is not None and len(eval_rows) > max_eval_samples:
