@@ -176,3 +176,55 @@ def test_loading_does_not_import_the_engine_but_finds_it_through_the_registry():
     assert not any(name and name.startswith("phds.engine") for name in imported)
     model, _ = phds.load("tiny:olmoe", experts_implementation="phds", tokenizer=False, device="cpu")
     assert model.config._experts_implementation == "phds"
+
+
+@pytest.mark.parametrize(
+    ("name", "error", "message"),
+    [
+        ("./no/such/model", FileNotFoundError, "no such directory: ./no/such/model"),
+        ("/no-such-dir-phds", FileNotFoundError, "no such directory"),
+        ("not a hub name!", FileNotFoundError, "not a valid hub name"),
+    ],
+)
+def test_a_missing_local_model_is_one_clear_error_before_any_hub_call(name, error, message, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda *a, **k: pytest.fail("asked the hub"))
+    with pytest.raises(error, match=message):
+        phds.load(name)
+
+
+def test_an_uncached_hub_name_offline_is_refused_at_once(monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda *a, **k: pytest.fail("asked the hub"))
+    with pytest.raises(ValueError, match="not in the local cache while offline"):
+        phds.load("nobody-phds/never-published-model")
+
+
+def test_an_unreachable_hub_is_said_at_once(monkeypatch):
+    import huggingface_hub
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", unreachable)
+    with pytest.raises(ValueError, match="hub cannot be reached"):
+        phds.load("nobody-phds/never-published-model")
+
+
+def test_a_folder_without_a_checkpoint_is_one_line(tmp_path):
+    with pytest.raises(ValueError, match="config.json"):
+        phds.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("banana", "`device` must be"), ("cuda", "CUDA is not available"), ("cuda:99", "CUDA")],
+)
+def test_an_unknown_or_absent_device_is_refused_before_loading(device, message):
+    if device.startswith("cuda") and torch.cuda.is_available() and device == "cuda":
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ValueError, match=message):
+        phds.load("tiny:olmoe", device=device)

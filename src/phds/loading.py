@@ -41,6 +41,99 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The torch device for `device` (None: `default_device()`), refused at once when it is unknown or absent here.
+
+    Raises:
+        ValueError: an unknown device name, or CUDA/MPS asked for where it is not available.
+
+    Example: `resolve_device("cuda:0")`.
+    """
+    if device is None:
+        return default_device()
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"`device` must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"`device`={device!r} but CUDA is not available on this machine; use --device cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"`device`={device!r} but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                f"use cuda:0..cuda:{torch.cuda.device_count() - 1}"
+            )
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"`device`={device!r} but MPS is not available on this machine; use --device cpu")
+    elif resolved.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"`device` must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}")
+    return resolved
+
+
+def _looks_local(name: str) -> bool:
+    """A string written as a filesystem path rather than a hub id `name` or `owner/name`."""
+    return (
+        name.startswith((".", "/", "~"))
+        or name.endswith("/")
+        or name.count("/") > 1
+        or os.sep != "/"
+        and os.sep in name
+    )
+
+
+def check_model_source(name: str, *, local_files_only: bool | None = None) -> None:
+    """Refuse at once a model that cannot be loaded: a missing local directory, an invalid or unknown hub name, or a
+    hub name that is not cached while the hub is offline, instead of a long traceback (or retries) later.
+
+    Raises:
+        FileNotFoundError: a path-like name with no such directory.
+        ValueError: a file instead of a directory, a malformed hub name, an unknown hub name, or an uncached hub name
+            while offline.
+
+    Example: `check_model_source("out/run1")`.
+    """
+    if name.startswith(TINY_PREFIX):
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"`model` must be a checkpoint directory or a hub name, got the file {name}")
+        return
+    import huggingface_hub
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    what = "a local checkpoint directory, a hub name like 'owner/name', or tiny:<family>"
+    if _looks_local(name):
+        raise FileNotFoundError(f"`model`: no such directory: {name} (expected {what})")
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise FileNotFoundError(
+            f"`model`: no such directory: {name}, and not a valid hub name (expected {what})"
+        ) from None
+    if isinstance(huggingface_hub.try_to_load_from_cache(name, "config.json"), str):
+        return
+    if local_files_only or huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise ValueError(
+            f"`model`={name!r}: no such local directory, and the hub name is not in the local cache while offline "
+            "(HF_HUB_OFFLINE / local_files_only); download it first or pass a local directory"
+        )
+    try:
+        huggingface_hub.HfApi().model_info(name, timeout=10)
+    except huggingface_hub.errors.RepositoryNotFoundError:
+        raise ValueError(
+            f"`model`={name!r}: no such local directory and no such model on the Hugging Face hub (or it is private: "
+            "log in with `hf auth login`)"
+        ) from None
+    except huggingface_hub.errors.HfHubHTTPError:
+        return  # gated, rate-limited, ...: from_pretrained reports those with its own advice
+    except Exception as error:  # the HTTP client's connection errors: offline
+        raise ValueError(
+            f"`model`={name!r}: no such local directory, not in the local cache, and the Hugging Face hub cannot be "
+            f"reached (offline? {type(error).__name__}); download it first or pass a local directory"
+        ) from None
+
+
 def _resolve_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
     if isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
@@ -86,7 +179,7 @@ def load(
 
     Example: `model, tok = phds.load("allenai/OLMoE-1B-7B-0125", dtype="bfloat16")`.
     """
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     name = str(name_or_path)
     if experts_implementation in _EXPERTS_MODULES:
         importlib.import_module(_EXPERTS_MODULES[experts_implementation])
@@ -101,17 +194,21 @@ def load(
         sidecar = None
         tok = tiny_tokenizer() if tokenizer else None
     else:
-        path = Path(name)
-        if path.exists() and not path.is_dir():
-            raise ValueError(f"`name_or_path` must be a checkpoint directory or a hub name, got the file {name}")
+        check_model_source(name, local_files_only=local_files_only)
+        path = Path(name).expanduser()
+        name = str(path) if path.is_dir() else name
         if local_files_only is None:
             local_files_only = path.is_dir()
         kwargs = dict(local_files_only=local_files_only, trust_remote_code=trust_remote_code)
         if experts_implementation is not None:
             kwargs["experts_implementation"] = experts_implementation
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            name, dtype=_resolve_dtype(dtype), use_safetensors=True, **kwargs
-        )
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                name, dtype=_resolve_dtype(dtype), use_safetensors=True, **kwargs
+            )
+        except OSError as error:  # a folder without config.json or weights, a failed download: one line
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(f"`model`={name!r} could not be loaded: {first}") from error
         model.to(device).eval()
         sidecar = read_sidecar(path, model=model) if path.is_dir() else None
         tok = _load_tokenizer(name, **kwargs) if tokenizer else None

@@ -115,6 +115,12 @@ def _write(path, rows):
         ("bad_select_by", "select_by"),
         ("bad_eval_k_list", "--eval-k"),
         ("eval_k_above_experts", "eval_ks"),
+        ("zero_steps", "max_steps"),
+        ("negative_lr", "learning_rate"),
+        ("nan_lr", "learning_rate"),
+        ("zero_batch", "per_device_train_batch_size"),
+        ("missing_model_dir", "no such directory"),
+        ("null_completion", ":2: field `answer`"),
     ],
 )
 def test_bad_input_fails_before_training_and_writes_nothing(tmp_path, data_file, case, message):
@@ -153,10 +159,35 @@ def test_bad_input_fails_before_training_and_writes_nothing(tmp_path, data_file,
         extra = [*extra, "--eval-k", "two"]
     elif case == "eval_k_above_experts":
         extra = [*extra, "--eval-k", "2,99"]
-    result = runner.invoke(app, ["train", model, "--data", data, "--out", str(out), *k, *extra, *FAST])
+    elif case == "missing_model_dir":
+        model = str(tmp_path / "no-model-here")
+    elif case == "null_completion":
+        data = str(
+            _write(tmp_path / "null.jsonl", [{"question": "q", "answer": "a"}, {"question": "q", "answer": None}])
+        )
+    # options given after FAST override it (the last occurrence wins)
+    late = {
+        "zero_steps": ["--max-steps", "0"],
+        "negative_lr": ["--lr", "-1"],
+        "nan_lr": ["--lr", "nan"],
+        "zero_batch": ["--batch-size", "0"],
+    }.get(case, [])
+    result = runner.invoke(app, ["train", model, "--data", data, "--out", str(out), *k, *extra, *FAST, *late])
     assert result.exit_code == 2, result.output
+    if case not in ("bad_k_list", "bad_eval_k_list"):  # those are typer's usage errors, shown with the usage
+        assert result.output.strip().splitlines()[-1].startswith("error:"), result.output  # one line
+    assert "Traceback" not in result.output
     assert message in " ".join(result.output.split())
     assert not out.exists()
+
+
+def test_an_out_path_that_is_a_file_is_one_line_and_is_left_alone(tmp_path, data_file):
+    out = tmp_path / "taken"
+    out.write_text("keep me")
+    args = ["train", "tiny:olmoe", "--data", str(data_file), "--out", str(out), "--k", "2,3,4", *FAST]
+    result = runner.invoke(app, [*args, "--prompt-column", "question", "--completion-column", "answer"])
+    assert result.exit_code == 2, result.output
+    assert "is a file" in result.output and out.read_text() == "keep me"
 
 
 def test_phds_train_help_documents_every_option_with_its_default():

@@ -58,8 +58,27 @@ def test_every_phds_field_has_help_for_the_argument_parser():
         (dict(eval_fraction=1.0), "eval_fraction"),
         (dict(save_adapter=True), "save_adapter"),
         (dict(aux_loss_coef=0.1, router_aux_loss_coef=0.2), "aux_loss_coef"),
+        (dict(max_steps=0), "max_steps"),
+        (dict(max_steps=-2), "max_steps"),
+        (dict(num_train_epochs=0.0), "num_train_epochs"),
+        (dict(learning_rate=-1.0), "learning_rate"),
+        (dict(learning_rate=float("nan")), "learning_rate"),
+        (dict(learning_rate=float("inf")), "learning_rate"),
+        (dict(per_device_train_batch_size=0), "per_device_train_batch_size"),
+        (dict(per_device_eval_batch_size=0), "per_device_eval_batch_size"),
+        (dict(gradient_accumulation_steps=0), "gradient_accumulation_steps"),
+        (dict(max_length=0), "max_length"),
+        (dict(warmup_steps=-1), "warmup_steps"),
+        (dict(save_steps=0), "save_steps"),
     ],
 )
 def test_bad_fields_raise_a_value_error_naming_the_field(kwargs, name):
     with pytest.raises(ValueError, match=name):
         PHDSConfig(output_dir="out", **kwargs)
+
+
+def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
+    path = tmp_path / "taken"
+    path.write_text("not a directory")
+    with pytest.raises(ValueError, match=r"`output_dir`=.*taken is a file"):
+        PHDSConfig(output_dir=str(path))

@@ -43,5 +43,5 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except (ValueError, TypeError, FileNotFoundError, ImportError) as error:
-        err_console.print(f"[bold red]error:[/] {error}")
+        err_console.print(f"[bold red]error:[/] {error}", soft_wrap=True)
         raise typer.Exit(code=2) from error

@@ -10,6 +10,7 @@ import importlib.util
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from trl import SFTConfig
@@ -224,6 +225,37 @@ class PHDSConfig(SFTConfig):
             raise ValueError("`save_adapter` needs `lora=True`: a full fine-tune has no adapter to save")
         if self.output_dir is None:
             raise ValueError("`output_dir` is required: where the trained checkpoint and phds.json are written")
+        out = Path(self.output_dir).expanduser()
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"`output_dir`={self.output_dir} is a file, not a directory; choose a directory path")
+        self._check_trainer_numbers()
+
+    def _check_trainer_numbers(self) -> None:
+        # The Trainer's own numbers, checked here so that nothing (not even `output_dir/checkpoints`) is created
+        # for a run that cannot train.
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(
+                f"`max_steps` must be >= 1, or -1 to run `num_train_epochs`; got max_steps={self.max_steps}"
+            )
+        if self.max_steps == -1 and not (math.isfinite(self.num_train_epochs) and self.num_train_epochs > 0):
+            raise ValueError(
+                f"`num_train_epochs` must be a finite number > 0, got num_train_epochs={self.num_train_epochs}"
+            )
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"`learning_rate` must be a finite number > 0, got learning_rate={self.learning_rate}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"`weight_decay` must be a finite number >= 0, got weight_decay={self.weight_decay}")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {name}={getattr(self, name)}")
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"`max_length` must be >= 1 or None, got max_length={self.max_length}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"`warmup_steps` must be >= 0, got warmup_steps={self.warmup_steps}")
+        for name in ("eval_steps", "save_steps", "logging_steps"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"`{name}` must be > 0, got {name}={value}")
 
     @property
     def method(self) -> str:

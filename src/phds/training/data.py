@@ -174,6 +174,7 @@ def select_columns(
         )
     rows = rows.select_columns(keep)
     where = locate or (lambda index: f"row {index + 1}")
+    named = {target: name for name, target in renames.items()}  # errors name the user's column
     for column in keep:
         for index, value in enumerate(rows[column]):
             if column == "messages":
@@ -184,7 +185,9 @@ def select_columns(
                     )
             elif not isinstance(value, str):
                 got = "missing or null" if value is None else f"a {type(value).__name__}"
-                raise ValueError(f"`{what}` {where(index)}: field `{column}` must be a string, got {got}")
+                raise ValueError(
+                    f"`{what}` {where(index)}: field `{named.get(column, column)}` must be a string, got {got}"
+                )
     return rows
 
 
