@@ -58,7 +58,7 @@ class TokenEvent:
     request_id: str
     token_id: int | None
     finished: bool
-    finish_reason: str | None  # "stop" | "length" | "cancelled"
+    finish_reason: str | None  # "stop" | "length" | "cancelled" | "error: ..." (this request alone failed)
 
 
 @dataclass
@@ -283,8 +283,18 @@ class Engine:
 
     def _admit(self, requests: list[Request]) -> list[TokenEvent]:
         """Prefill `requests` together into the rows after the running ones."""
+        events, rows = [], []
+        for r in requests:
+            # A request whose generator cannot be made (e.g. a seed torch refuses) fails alone, before the
+            # prefill, so its neighbours in this step never see the error.
+            try:
+                rows.append(_Row(r, make_generator(r.params, self.device), length=0))
+            except (RuntimeError, ValueError, OverflowError, TypeError) as error:
+                events.append(TokenEvent(r.request_id, None, True, f"error: {type(error).__name__}: {error}"))
+        if not rows:
+            return events
+        requests = [row.request for row in rows]
         first_row = len(self._rows)
-        rows = [_Row(r, make_generator(r.params, self.device), length=0) for r in requests]
         longest = max(len(r.prompt_ids) for r in requests)
         pad = self.config.pad_token_id if isinstance(getattr(self.config, "pad_token_id", None), int) else 0
         input_ids = torch.tensor(
@@ -294,7 +304,7 @@ class Engine:
         for row, request in zip(rows, requests, strict=True):
             row.length = len(request.prompt_ids)
         self._rows.extend(rows)
-        return self._emit(rows, logits_BV)
+        return events + self._emit(rows, logits_BV)
 
     def _decode(self, num_rows: int) -> list[TokenEvent]:
         rows = self._rows[:num_rows]

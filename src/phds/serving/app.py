@@ -82,7 +82,10 @@ def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
         logger.exception("unexpected error answering %s", request.url.path)
-        return error_response(APIError(500, f"internal error: {type(error).__name__}: {error}", type="internal_error"))
+        # the exception text stays in the server log: it may describe internals a client should not see
+        return error_response(
+            APIError(500, f"internal error ({type(error).__name__}); see the server log", type="internal_error")
+        )
 
     async def check_key(request: Request) -> None:
         if api_key is None:
@@ -118,13 +121,28 @@ def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
     return app
 
 
+class _Stream(StreamingResponse):
+    """A stream that gives its job's in-flight place back even when its body never starts (client gone first)."""
+
+    def __init__(self, service: Service, job: Job) -> None:
+        super().__init__(_sse(service, job), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.service, self.job = service, job
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.service.release(self.job)
+
+
 async def _answer(service: Service, job: Job, request: Request):
-    service.admit()
+    service.admit(job)  # takes the place now: no await between the limit check and the count
     if job.stream:
-        return StreamingResponse(
-            _sse(service, job), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-        )
-    outcome = await _unless_disconnected(service.complete(job), request)
+        return _Stream(service, job)
+    try:
+        outcome = await _unless_disconnected(service.complete(job), request)
+    finally:
+        service.release(job)  # a job cancelled before its generation started still holds its place
     if outcome is None:
         return Response(status_code=499)  # nobody is listening; the engine request was cancelled
     service.metrics.requests.labels(k=str(job.k), endpoint=job.endpoint, finish_reason=outcome.finish_reason).inc()
@@ -222,9 +240,9 @@ def _validation_error(error: RequestValidationError) -> APIError:
         return APIError(400, f"The body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}")
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = ".".join(location) or None
-    message = first.get("msg", "invalid request")
+    message = first.get("msg", "invalid request").removeprefix("Value error, ")
     if param:
         message = f"`{param}`: {message}"
-    if "input" in first and first.get("type") not in ("missing", "model_attributes_type"):
+    if param and "input" in first and first.get("type") not in ("missing", "model_attributes_type"):
         message += f" (got {first['input']!r})"[:300]
     return APIError(400, message, param=param, code=first.get("type"))

@@ -29,6 +29,15 @@ class ServingMetrics:
         self.prompt_tokens = Counter("phds_prompt_tokens", "Prompt tokens by k.", ["k"], registry=r)
         self.generation_tokens = Counter("phds_generation_tokens", "Generated tokens by k.", ["k"], registry=r)
         self.errors = Counter("phds_errors", "Error answers by type and HTTP status.", ["type", "status"], registry=r)
+        self.cancelled = Counter(
+            "phds_cancelled_requests",
+            "Requests ended before they finished, by reason: client_disconnected, shutdown (the drain bound passed).",
+            ["reason"],
+            registry=r,
+        )
+        self.failed = Counter(
+            "phds_failed_requests", "Requests the engine failed, by reason (engine_error).", ["reason"], registry=r
+        )
         self.queue_depth = Gauge("phds_queue_depth", "Requests waiting for a batch slot.", registry=r)
         self.running = Gauge("phds_running_requests", "Requests in the running batch.", registry=r)
         self.request_latency = Histogram(

@@ -13,12 +13,15 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from phds.sidecar import check_k
 
 # A k in a request: experts per token, or "auto" for load-adaptive sparsity. Strict, so `true` is not k=1.
 KField = StrictInt | Literal["auto"] | None
+
+# torch seeds a generator with a 64-bit integer; a request's seed must be a signed one (OpenAI's and vLLM's range).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 _K_DESCRIPTION = (
     "Experts per token for this request (one of the checkpoint's declared ks), or 'auto' to let the server pick "
@@ -30,7 +33,33 @@ _K_DESCRIPTION = (
 class _Body(BaseModel):
     # OpenAI answers an unknown argument with a 400 rather than ignoring it; so do we (a typo such as `K` would
     # otherwise silently run at the default k).
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _valid_unicode(self):
+        # JSON may carry lone surrogates (`"\ud800"`), which no tokenizer can encode: refuse them here, naming the
+        # field, rather than failing later inside the tokenizer or the chat template.
+        where = _lone_surrogate(self.model_dump(), "")
+        if where is not None:
+            raise ValueError(f"`{where}` must be valid Unicode text (it holds a lone surrogate code point)")
+        return self
+
+
+def _lone_surrogate(value: Any, path: str) -> str | None:
+    """The dotted path of the first string under `value` that is not encodable as UTF-8, else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _lone_surrogate(key, path) if isinstance(key, str) else None
+        found = found or _lone_surrogate(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 class StreamOptions(_Body):
@@ -43,7 +72,9 @@ class _SamplingFields(_Body):
     frequency_penalty: float = Field(0.0, description="Only 0 is supported.")
     n: int = Field(1, description="Number of choices; only 1 is supported.")
     presence_penalty: float = Field(0.0, description="Only 0 is supported.")
-    seed: int | None = Field(None, description="Seed for sampling (temperature > 0); greedy ignores it.")
+    seed: int | None = Field(
+        None, ge=SEED_MIN, le=SEED_MAX, description="Seed for sampling (temperature > 0), a signed 64-bit integer."
+    )
     stop: str | list[str] | None = Field(
         None,
         validate_default=True,

@@ -83,6 +83,11 @@ class EngineRunner:
         self._inbox.put(("cancel", request_id, None))
         self._wake.set()
 
+    def abort_all(self, reason: str) -> None:
+        """End every waiting and running request at the engine's next step with a finish event carrying `reason`."""
+        self._inbox.put(("abort", reason, None))
+        self._wake.set()
+
     def stop(self, timeout_s: float = 10.0) -> None:
         """Cancel what is still running, end every waiting stream with a 'cancelled' event, join the thread."""
         self._stop.set()
@@ -135,6 +140,8 @@ class EngineRunner:
                 self._subscribers[payload.request_id] = subscriber
             elif op == "cancel" and self._subscribers.pop(payload, None) is not None:
                 self._engine_cancel(payload)
+            elif op == "abort":
+                self._cancel_all(payload)
 
     def _step(self) -> None:
         try:

@@ -8,6 +8,7 @@ finish reason on the last one. Leaving `generate` early (a client that hung up) 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from phds.sidecar import check_default_k
 logger = logging.getLogger(__name__)
 
 AUTO = "auto"
+SHUTTING_DOWN = "shutting_down"  # the finish reason the runner gives requests it ends at the drain bound
 
 
 @dataclass(kw_only=True)
@@ -47,6 +49,7 @@ class Job:
     include_usage: bool = False
     return_token_ids: bool = False
     created: int = field(default_factory=now)
+    admitted: bool = False  # holds one of the server's in-flight places (see `Service.admit` / `release`)
 
 
 @dataclass
@@ -165,7 +168,7 @@ class Service:
         if suffix:
             if suffix == AUTO:
                 from_name = AUTO
-            elif suffix.startswith("k") and suffix[1:].isdigit():
+            elif re.fullmatch(r"k[0-9]{1,6}", suffix):  # ASCII digits only: `str.isdigit` also takes "²"
                 from_name = int(suffix[1:])
             else:
                 raise model_not_found(model, self.model_name)
@@ -258,17 +261,32 @@ class Service:
 
     # ------------------------------------------------------------------------------------------- generation
 
-    def admit(self) -> None:
-        """Refuse with a 503 when `max_batch + max_queue` requests are already in flight."""
+    def admit(self, job: Job) -> None:
+        """Take one of the `max_batch + max_queue` in-flight places for `job`, or refuse with a 503.
+
+        Check and take happen together, with no `await` between them, so a simultaneous burst cannot overshoot
+        the limit; the place is given back by `release` (which `generate` calls when it ends).
+        """
         if self.closing:
             raise shutting_down()
         if not self.runner.alive:
             raise APIError(503, "The decode engine is not running.", type="overloaded_error", code="engine_down")
         if self.in_flight >= self.max_batch + self.max_queue:
             raise queue_full(retry_after_s=1)
+        if not job.admitted:
+            job.admitted = True
+            self.in_flight += 1
+            self.metrics.queue_depth.set(self.queue_depth())
+
+    def release(self, job: Job) -> None:
+        """Give back `job`'s in-flight place (idempotent: also for a job whose generation never started)."""
+        if job.admitted:
+            job.admitted = False
+            self.in_flight -= 1
+            self.metrics.queue_depth.set(self.queue_depth())
 
     async def generate(self, job: Job) -> AsyncIterator[Piece]:
-        """Run `job` on the engine; yield text as it is released. Call `admit()` first."""
+        """Run `job` on the engine; yield text as it is released. Takes an in-flight place unless `admit` did."""
         from phds.engine import Request, SamplingParams
 
         params = SamplingParams(
@@ -287,11 +305,12 @@ class Service:
         first = last = None
         count = 0
         done = False
-        self.in_flight += 1
-        self.metrics.queue_depth.set(self.queue_depth())
-        events = self.runner.submit(request)
+        ended: str | None = None  # the error code when the engine side ended the request
+        if not job.admitted:
+            self.admit(job)
         text = TextStream(self.tokenizer, job.stop)
         try:
+            events = self.runner.submit(request)
             while not done:
                 event = await events.get()
                 piece = Piece("", event.token_id)
@@ -304,16 +323,25 @@ class Service:
                     self.runner.cancel(job.request_id)
                     piece.finish_reason, done = "stop", True
                 elif event.finished:
-                    piece.finish_reason, done = _finish_reason(event), True
+                    try:
+                        piece.finish_reason = _finish_reason(event)
+                    except APIError as error:
+                        ended = error.code  # "shutting_down" or "engine_error"
+                        raise
+                    done = True
                     piece.text += text.finish()
                 if event.token_id is not None or done:
                     yield piece
         finally:
-            self.in_flight -= 1
-            self.metrics.queue_depth.set(self.queue_depth())
+            self.release(job)
             self.metrics.running.set(self.runner.num_running)
-            if not done:  # the client hung up (task cancelled) or the consumer stopped early
+            if not done:  # the client hung up (task cancelled), the consumer stopped early, or the engine failed it
                 self.runner.cancel(job.request_id)
+                if ended == "engine_error":
+                    self.metrics.failed.labels(reason="engine_error").inc()
+                else:
+                    reason = "shutdown" if ended == "shutting_down" or self.closing else "client_disconnected"
+                    self.metrics.cancelled.labels(reason=reason).inc()
             self._record(job, label, arrived, first, last, count, done)
 
     async def complete(self, job: Job) -> Outcome:
@@ -358,6 +386,8 @@ class Service:
 
 def _finish_reason(event) -> str:
     reason = event.finish_reason or "stop"
+    if reason == SHUTTING_DOWN:  # the drain bound passed (`EngineRunner.abort_all`)
+        raise shutting_down()
     if reason.startswith("error"):
         raise APIError(500, f"the engine failed: {reason}", type="internal_error", code="engine_error")
     return reason
