@@ -13,6 +13,9 @@ the new checkpoint at the target, never a mix. The folder dance for a target `ou
 `recover` reads which step a crash stopped at from which folders exist: `out` beside `.out.staging` means the
 write did not finish (drop the staging folder); `.out.old` without `out` means the new checkpoint was complete
 (finish steps 3 and 4); `.out.old` beside `out` means only the clean-up was left.
+
+`crash_point(name)` marks the points between these steps (and those of training's resumable checkpoints); a test
+sets `PHDS_CRASH_AT=name` and the process SIGKILLs itself there, so recovery is tested against real kills.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -28,6 +32,24 @@ from torch import nn
 from phds.sidecar import Sidecar, write_sidecar
 
 FOLDER_MODE = 0o755  # a temporary directory is private (0700); a checkpoint is for sharing
+CRASH_AT = "PHDS_CRASH_AT"  # environment variable: the crash point at which the process kills itself (tests)
+
+
+_crash_points_reached: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    """SIGKILL this process here when the environment variable `PHDS_CRASH_AT` is `name` (the first time this point
+    is reached) or `name#n` (the n-th time): a test hook, so recovery is tested against real kills.
+
+    Example: `crash_point("checkpoint.staged")` is a no-op unless `PHDS_CRASH_AT=checkpoint.staged`.
+    """
+    wanted = os.environ.get(CRASH_AT)
+    if not wanted or wanted.partition("#")[0] != name:
+        return
+    _crash_points_reached[name] = _crash_points_reached.get(name, 0) + 1
+    if _crash_points_reached[name] == int(wanted.partition("#")[2] or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def staging_path(target: str | os.PathLike) -> Path:
@@ -89,10 +111,14 @@ def staged_folder(target: str | os.PathLike, *, carry: Sequence[str] = ()) -> It
         shutil.rmtree(staging, ignore_errors=True)
         raise
     os.chmod(staging, FOLDER_MODE)
+    crash_point("checkpoint.staged")
     if target.exists():
         os.replace(target, old)
+        crash_point("checkpoint.moved_aside")
         _move_entries(old, staging, carry)
+        crash_point("checkpoint.carried")
     os.replace(staging, target)
+    crash_point("checkpoint.swapped_in")
     shutil.rmtree(old, ignore_errors=True)
 
 

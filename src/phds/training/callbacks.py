@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +34,31 @@ def eval_loss_key(k: int) -> str:
     Example: `eval_loss_key(2) == "eval_loss_k2"`.
     """
     return f"eval_loss_k{k}"
+
+
+def truncate_log(path: str | Path, step: int) -> None:
+    """Cut the JSON-lines log at `path` back to a run's state at optimizer step `step` (a resumed checkpoint's):
+    keep the steps begun before it and the logs made up to it; rewritten atomically.
+
+    Example: `truncate_log("out/phds_log.jsonl", 6)` keeps `{"event": "step", "step": 5, ...}`, drops step 6.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # the last line of a killed write
+        entry_step = entry.get("step", 0)
+        if entry_step < step or (entry_step == step and entry.get("event") != "step"):
+            kept.append(line + "\n")
+    staging = path.with_name(f".{path.name}.staging")
+    staging.write_text("".join(kept))
+    os.replace(staging, path)
 
 
 class PHDSCallback(TrainerCallback):

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 import transformers
 from torch import nn
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from phds import checkpoint, dial
 from phds.loading import TINY_PREFIX, load
@@ -36,11 +37,12 @@ from phds.training.callbacks import (
     PHDSCallback,
     RichProgressCallback,
     eval_loss_key,
+    truncate_log,
 )
 from phds.training.config import PHDSConfig
 from phds.training.data import DataSource, prepare_data
 from phds.training.saving import CHECKPOINTS, RUN_ENTRIES, CheckpointSaver, users_config
-from phds.training.trainer import PHDSTrainer
+from phds.training.trainer import STAGING_SUFFIX, PHDSTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +135,20 @@ def _resolve_model(model: str | os.PathLike | nn.Module, tokenizer):
     return loaded, tokenizer, name
 
 
+def _checkpoint_step(folder: Path) -> int | None:
+    """The step of a complete resumable checkpoint (its trainer state is written last), else None."""
+    try:
+        return int(json.loads((folder / TRAINER_STATE_NAME).read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _resume_checkpoint(config: PHDSConfig, out: Path) -> str | None:
-    """The Trainer checkpoint to resume from, or None for a fresh run (which must not clobber an earlier one)."""
+    """The Trainer checkpoint to resume from, or None for a fresh run (which must not clobber an earlier one).
+
+    "last" takes the newest *complete* checkpoint and says which; checkpoints a kill left half-written (by a
+    version that wrote them in place) and staging folders are removed, since the resumed run writes those steps
+    again."""
     checkpoints = out / CHECKPOINTS
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     resume = config.resume_from_checkpoint
@@ -145,11 +159,32 @@ def _resume_checkpoint(config: PHDSConfig, out: Path) -> str | None:
             )
         return None
     if resume in (True, "true", "True", "last"):
-        if last is None:
+        if not checkpoints.is_dir():
             logger.warning("nothing to resume in %s: starting a fresh run", checkpoints)
-        return last
+            return None
+        for staging in checkpoints.glob(f".{PREFIX_CHECKPOINT_DIR}-*{STAGING_SUFFIX}"):
+            shutil.rmtree(staging, ignore_errors=True)  # a resumable checkpoint killed while being written
+        folders = sorted(
+            (path for path in checkpoints.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if path.name.split("-")[-1].isdigit()),
+            key=lambda path: int(path.name.split("-")[-1]),
+        )
+        complete = [path for path in folders if _checkpoint_step(path) is not None]
+        for path in folders:
+            if path not in complete:
+                logger.warning("removing %s: incomplete (no trainer state), killed while being written", path)
+                shutil.rmtree(path, ignore_errors=True)
+        if not complete:
+            logger.warning("nothing to resume in %s: starting a fresh run", checkpoints)
+            return None
+        logger.warning("resuming from %s (step %d)", complete[-1], _checkpoint_step(complete[-1]))
+        return str(complete[-1])
     if not Path(resume).is_dir():
         raise ValueError(f"`resume_from_checkpoint`={resume!r} is not a checkpoint directory")
+    if _checkpoint_step(Path(resume)) is None:
+        raise ValueError(
+            f"`resume_from_checkpoint`={resume!r} is incomplete (no readable {TRAINER_STATE_NAME}; it was killed "
+            "while being written); pass an earlier checkpoint or resume='last'"
+        )
     return str(resume)
 
 
@@ -302,6 +337,9 @@ def _build(
         epsilon=config.epsilon,
         renormalize=config.renormalize,
     )
+    if plan.resume_from is not None and trainer.is_world_process_zero():
+        # the log describes the model's history: drop what the killed attempt did after the checkpoint
+        truncate_log(out / LOG_NAME, _checkpoint_step(Path(plan.resume_from)))
     if len(trainer.train_dataset) == 0 or (trainer.eval_dataset is not None and len(trainer.eval_dataset) == 0):
         if not plan.out_existed:
             shutil.rmtree(out, ignore_errors=True)  # the Trainer made its directory; a failed call leaves nothing

@@ -10,19 +10,29 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput, rotate_checkpoints
 from trl import SFTTrainer
 
-from phds import dial
+from phds import checkpoint, dial
 from phds.training.callbacks import eval_loss_key
 
 logger = logging.getLogger(__name__)
 
 EXTRA_WEIGHTS = "phds_extra_trainable.safetensors"
+STAGING_SUFFIX = ".staging"  # `checkpoints/.checkpoint-N.staging/`: a resumable checkpoint being written
+
+
+def staging_run_dir(run_dir: str | os.PathLike, step: int) -> str:
+    """The folder a resumable checkpoint of `step` is written in before it is renamed to `run_dir/checkpoint-N`.
+
+    Example: `staging_run_dir("out/checkpoints", 6) == "out/checkpoints/.checkpoint-6.staging"`.
+    """
+    return os.path.join(run_dir, f".{PREFIX_CHECKPOINT_DIR}-{step}{STAGING_SUFFIX}")
 
 
 def selection_score(losses: dict[int, float], *, select_by: str, k_select: int) -> float:
@@ -105,15 +115,52 @@ class PHDSTrainer(SFTTrainer):
         return {name: p for name, p in self.model.named_parameters() if p.requires_grad and "lora_" not in name}
 
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
+        """Write the resumable checkpoint aside (`.checkpoint-N.staging/checkpoint-N`) and rename it into place, so
+        a kill mid-write never leaves a `checkpoint-N` that `--resume` would pick and fail on."""
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = staging_run_dir(run_dir, self.state.global_step)
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # a leftover of a killed attempt at this step
+        self._barrier()
+        real_output_dir, self.args.output_dir = self.args.output_dir, staging
+        try:
+            super()._save_checkpoint(model, None)  # everything, the trainer state last, into the staging folder
+        finally:
+            self.args.output_dir = real_output_dir
         extra = self._extra_trainable()
         if extra and self.args.should_save:
-            folder = os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
             save_file(
-                {name: p.detach().cpu().contiguous() for name, p in extra.items()}, os.path.join(folder, EXTRA_WEIGHTS)
+                {key: p.detach().cpu().contiguous() for key, p in extra.items()},
+                os.path.join(staging, name, EXTRA_WEIGHTS),
             )
+        self._barrier()  # every rank's shards are written before the rename
+        if self.args.should_save:
+            checkpoint.crash_point("trainer_checkpoint.staged")
+            target = os.path.join(run_dir, name)
+            shutil.rmtree(target, ignore_errors=True)  # an incomplete folder of an older version, same step
+            os.replace(os.path.join(staging, name), target)
+            shutil.rmtree(staging, ignore_errors=True)
+            if self.state.best_global_step:
+                best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
+                if os.path.exists(best):
+                    self.state.best_model_checkpoint = best
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self._barrier()
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        checkpoint.crash_point("trainer_checkpoint.model_written")  # the weights are written, nothing else yet
+        super()._save_optimizer_and_scheduler(output_dir)
+
+    @staticmethod
+    def _barrier() -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = self.model if model is None else model
