@@ -81,6 +81,14 @@ def _looks_local(name: str) -> bool:
     )
 
 
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, read now (huggingface_hub reads its constant once, at import)."""
+    import huggingface_hub
+
+    flags = (os.environ.get(name, "").strip().upper() for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return huggingface_hub.constants.HF_HUB_OFFLINE or any(flag in ("1", "ON", "YES", "TRUE") for flag in flags)
+
+
 def check_model_source(name: str, *, local_files_only: bool | None = None) -> None:
     """Refuse at once a model that cannot be loaded: a missing local directory, an invalid or unknown hub name, or a
     hub name that is not cached while the hub is offline, instead of a long traceback (or retries) later.
@@ -113,7 +121,7 @@ def check_model_source(name: str, *, local_files_only: bool | None = None) -> No
         ) from None
     if isinstance(huggingface_hub.try_to_load_from_cache(name, "config.json"), str):
         return
-    if local_files_only or huggingface_hub.constants.HF_HUB_OFFLINE:
+    if local_files_only or _hub_offline():
         raise ValueError(
             f"`model`={name!r}: no such local directory, and the hub name is not in the local cache while offline "
             "(HF_HUB_OFFLINE / local_files_only); download it first or pass a local directory"

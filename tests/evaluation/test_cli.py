@@ -77,3 +77,43 @@ def test_bad_input_is_one_clear_line_and_exit_code_2(task_dir, tmp_path, args, m
     assert result.exit_code == 2
     assert message in " ".join(result.output.split())
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "model", "device", "message"),
+    [
+        ("eval", "tiny:olmoe", "cpu", "is a file, not a directory"),
+        ("sweep", "tiny:olmoe", "cpu", "is a file, not a directory"),
+        ("eval", "./no/such/checkpoint", "cpu", "no such directory"),
+        ("eval", "tiny:olmoe", "banana", "`device` must be"),
+    ],
+)
+def test_an_unusable_out_model_or_device_is_refused_before_evaluating(
+    task_dir, tmp_path, command, model, device, message
+):
+    out = tmp_path / "o"
+    if "file" in message:
+        out.write_text("keep me")
+    args = [command, model, "--k", "1", "--tasks", f"{task_dir}/mc.jsonl", "--out", str(out), "--device", device]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1].startswith("error:") and message in result.output
+    assert "Traceback" not in result.output
+    assert out.read_text() == "keep me" if "file" in message else not out.exists()
+
+
+def test_an_unexpected_failure_is_one_line_and_debug_shows_the_traceback(task_dir, tmp_path, monkeypatch):
+    import phds.evaluation
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory\nwith details")
+
+    monkeypatch.setattr(phds.evaluation, "evaluate", broken)
+    args = ["eval", "tiny:olmoe", "--k", "1", "--tasks", f"{task_dir}/mc.jsonl", "--out", str(tmp_path / "o")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        "error: RuntimeError: CUDA out of memory with details (run `phds --debug ...` for the traceback)"
+    )
+    debug = runner.invoke(app, ["--debug", *args])
+    assert isinstance(debug.exception, RuntimeError)

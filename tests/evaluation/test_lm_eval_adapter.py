@@ -164,3 +164,62 @@ def test_generation_prompts_are_tokenised_as_lm_eval_generate_until_does(tiny, t
     for prompt in ["Question: 2 plus 3?\nAnswer:", "<s>1+1="]:
         ids, _ = lm.tok_batch_encode([prompt])
         assert scoring.encode_text(tok, prompt) == ids[0].tolist()
+
+
+def test_tiny_models_are_accepted_as_everywhere_else(offline_setup):
+    from lm_eval.tasks import TaskManager
+
+    import phds.evaluation.lm_eval_adapter  # noqa: F401  (registers "phds")
+
+    out = lm_eval.simple_evaluate(
+        model="phds",
+        model_args="pretrained=tiny:olmoe,k=1,device=cpu",
+        tasks=["phds_tiny_mc"],
+        task_manager=TaskManager(include_path=str(offline_setup / "tasks"), include_defaults=False),
+        log_samples=True,
+        batch_size=2,
+    )
+    samples = sorted(out["samples"]["phds_tiny_mc"], key=lambda s: s["doc_id"])
+    got = [[resp[0] for resp in s["filtered_resps"]] for s in samples]
+    assert got == [pytest.approx(row, abs=1e-4) for row in _hand_scores(1)]
+
+
+@pytest.mark.parametrize(
+    ("pretrained", "device", "message"),
+    [
+        ("./no/such/checkpoint", "cpu", "no such directory"),
+        ("nobody-phds/never-published", "cpu", "not in the local cache while offline"),
+        ("tiny:olmoe", "banana", "`device` must be"),
+    ],
+)
+def test_a_bad_model_or_device_is_one_line_before_any_work(pretrained, device, message):
+    from phds.evaluation.lm_eval_adapter import PHDSLM
+
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        PHDSLM(pretrained=pretrained, k=1, device=device)
+
+
+def test_phds_lm_eval_help_explains_the_model_and_k(monkeypatch):
+    import lm_eval.__main__
+
+    from phds.cli import app
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", lambda: None)  # lm-eval's own help follows ours
+    result = CliRunner().invoke(app, ["lm-eval", "--help"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "pretrained=MODEL,k=K" in text and "tiny:<family>" in text and "experts per token" in text
+
+
+def test_phds_lm_eval_errors_are_one_line(monkeypatch):
+    import lm_eval.__main__
+
+    from phds.cli import app
+
+    def fails():
+        raise ValueError("`k` must be a positive int, got k='two'")
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", fails)
+    result = CliRunner().invoke(app, ["lm-eval", "--model", "phds"])
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: `k` must be a positive int, got k='two'"

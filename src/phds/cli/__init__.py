@@ -18,8 +18,13 @@ app = typer.Typer(
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error instead of one line."),
+) -> None:
     """Post Hoc Declared Sparsity: one MoE checkpoint, any declared top-k at inference time."""
+    from phds.cli import common
+
+    common.DEBUG = debug
 
 
 # Each module registers its command(s) on `app` when imported. They import training, evaluation, serving and the

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
+import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console()
 err_console = Console(stderr=True)
@@ -37,11 +40,45 @@ def parse_ks(text: str, option: str = "--k", minimum: int = 1) -> list[int]:
     return sorted(ks)
 
 
+# Set by `phds --debug`: errors then keep their traceback instead of being printed as one line.
+DEBUG = False
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return escape(text or type(error).__name__)
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Print ValueError/TypeError/FileNotFoundError as one red line and exit 2, instead of a traceback."""
+    """Print any error as one red line instead of a traceback (`phds --debug` keeps the traceback).
+
+    A user's mistake (ValueError, TypeError, FileNotFoundError, a missing extra) exits 2; anything else is a failure
+    of the run, named with its type, and exits 1.
+    """
     try:
         yield
+    except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        raise
     except (ValueError, TypeError, FileNotFoundError, ImportError) as error:
-        err_console.print(f"[bold red]error:[/] {error}", soft_wrap=True)
+        if DEBUG:
+            raise
+        err_console.print(f"[bold red]error:[/] {_one_line(error)}", soft_wrap=True)
         raise typer.Exit(code=2) from error
+    except Exception as error:
+        if DEBUG:
+            raise
+        err_console.print(
+            f"[bold red]error:[/] {type(error).__name__}: {_one_line(error)} (run `phds --debug ...` for the traceback)",
+            soft_wrap=True,
+        )
+        raise typer.Exit(code=1) from error
+
+
+def check_out_dir(out: Path, option: str = "--out") -> None:
+    """Refuse an output directory that is an existing file, before any work is done.
+
+    Example: `check_out_dir(Path("results"))`.
+    """
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"`{option}` {out} is a file, not a directory; choose a directory path")

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from phds.cli import app
-from phds.cli.common import console, parse_ks, user_errors
+from phds.cli.common import check_out_dir, console, parse_ks, user_errors
 
 MODEL_HELP = "Checkpoint directory, hub name, or tiny:<family> (e.g. tiny:olmoe)."
 TASKS_HELP = (
@@ -90,6 +90,7 @@ def eval_command(
 
     ks = parse_ks(k) if k is not None else None
     with user_errors():
+        check_out_dir(out)
         results = evaluate(
             model,
             ks,
@@ -126,6 +127,7 @@ def sweep_command(
 
     ks = parse_ks(k) if k is not None else None
     with user_errors():
+        check_out_dir(out)
         results = sweep(
             model,
             ks,
@@ -150,6 +152,7 @@ def compare_command(
     from phds.evaluation import compare
 
     with user_errors():
+        check_out_dir(out)
         summary = compare(results, out, seed=seed)
     console.print(f"reference: {summary['reference']}; models: {', '.join(summary['models'])}")
     console.print(f"wrote {out}/compare.md, compare.json, frontier.png")
@@ -160,8 +163,9 @@ def compare_command(
 )
 def lm_eval_command(ctx: typer.Context) -> None:
     """lm-evaluation-harness's CLI with the `phds` model registered: phds lm-eval --model phds --model_args
-    pretrained=DIR,k=2 --tasks ... (all arguments go to lm-eval)."""
+    pretrained=MODEL,k=K --tasks ... (MODEL: a directory, hub name or tiny:<family>; k: experts per token, default
+    the checkpoint's default k; all arguments go to lm-eval)."""
     with user_errors():
         from phds.evaluation.lm_eval_adapter import run_cli
 
-    run_cli(list(ctx.args))
+        run_cli(list(ctx.args))

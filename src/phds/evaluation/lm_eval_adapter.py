@@ -25,6 +25,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     raise ImportError("the lm-eval adapter needs lm-eval: pip install 'moe-phds[lm-eval]'") from error
 
 from phds import dial
+from phds.loading import TINY_PREFIX, check_model_source, load, resolve_device
 from phds.sidecar import check_k, read_sidecar
 
 logger = logging.getLogger(__name__)
@@ -53,8 +54,20 @@ class PHDSLM(HFLM):
 
     def __init__(self, pretrained, k: int | str | None = None, **kwargs):
         requested = _parse_k(k)  # a malformed k fails before the model is loaded
+        sidecar = None
+        if isinstance(pretrained, str):
+            # One line before any work for a missing directory, a bad device or an unreachable hub; `tiny:<family>`
+            # (which transformers cannot resolve) is built by phds and handed to HFLM as a loaded model.
+            check_model_source(pretrained)
+            if "device" in kwargs and kwargs["device"] is not None:
+                resolve_device(kwargs["device"])
+            if Path(pretrained).is_dir():
+                sidecar = read_sidecar(pretrained)
+            if pretrained.startswith(TINY_PREFIX):
+                model, tokenizer = load(pretrained, device=kwargs.pop("device", None), dtype="float32")
+                kwargs["tokenizer"] = kwargs.get("tokenizer") or tokenizer
+                pretrained = model
         super().__init__(pretrained=pretrained, **kwargs)
-        sidecar = read_sidecar(pretrained) if isinstance(pretrained, str) and Path(pretrained).is_dir() else None
         if requested is None:
             requested = sidecar.default_k if sidecar is not None else dial.k_pre(self.model)
         check_k(requested, num_experts=dial.num_experts(self.model))
@@ -71,6 +84,18 @@ class PHDSLM(HFLM):
             return super()._model_generate(*args, **kwargs)
 
 
+HELP = """phds lm-eval: lm-evaluation-harness with the `phds` model registered.
+
+  phds lm-eval --model phds --model_args pretrained=MODEL,k=K --tasks TASKS [lm-eval options]
+
+  MODEL  a checkpoint directory, a hub name, or tiny:<family> (e.g. tiny:olmoe)
+  k      experts per token (1 .. the model's expert count); default: the phds.json default k, else k_pre
+         (one k per run: repeat the command for each k)
+
+lm-eval's own options follow.
+"""
+
+
 def run_cli(argv: Sequence[str]) -> None:
     """Run lm-eval's command line with `argv` (everything after `lm-eval`), the `phds` model registered.
 
@@ -78,6 +103,8 @@ def run_cli(argv: Sequence[str]) -> None:
     """
     from lm_eval.__main__ import cli_evaluate
 
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(HELP)
     saved = sys.argv
     sys.argv = ["lm-eval", *argv]
     try:
