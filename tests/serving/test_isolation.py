@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
+import time
 
 import httpx
 import pytest
@@ -11,6 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import phds
 from phds.engine import Engine, Request, SamplingParams
+from phds.serving.errors import APIError
+from phds.serving.protocol import ChatCompletionRequest, CompletionRequest
 
 from .conftest import MODEL_NAME, idle, live_server, wait_until
 
@@ -122,13 +126,13 @@ def test_admission_takes_the_place_at_once_and_release_gives_it_back_once(server
     _, service = server
     wait_until(lambda: idle(service), "the shared server to be idle")
     prepared = [
-        service.prepare_completion(phds.serving.protocol.CompletionRequest(model=MODEL_NAME, prompt="x"))
+        service.prepare_completion(CompletionRequest(model=MODEL_NAME, prompt="x"))
         for _ in range(service.max_batch + service.max_queue + 1)
     ]
     try:
         for job in prepared[:-1]:
             service.admit(job)  # nothing awaited in between: the check and the count are one step
-        with pytest.raises(phds.serving.errors.APIError) as refused:
+        with pytest.raises(APIError) as refused:
             service.admit(prepared[-1])
         assert refused.value.status == 503 and refused.value.headers["Retry-After"]
     finally:
@@ -151,3 +155,88 @@ def test_metrics_count_cancelled_requests_by_reason(server):
     wait_until(lambda: idle(service), "the abandoned stream to leave the engine")
     assert _metric(base_url, "phds_cancelled_requests_total", reason="client_disconnected") == before + 1
     assert "phds_failed_requests" in httpx.get(base_url.removesuffix("/v1") + "/metrics").text
+
+
+# ------------------------------------------------------------------------------------------- item 2: big bodies
+
+
+def test_a_body_over_the_limit_is_a_413_in_openai_shape_whether_or_not_it_declares_its_length(checkpoint):
+    with live_server(checkpoint, max_body_mb=0.01) as (base_url, service):
+        big = {"model": MODEL_NAME, "prompt": "x" * 20_000, "max_tokens": 1}
+        declared = _post(base_url, "/completions", big)
+        chunked = httpx.post(
+            base_url + "/completions",
+            content=iter([json.dumps(big).encode()[i : i + 4096] for i in range(0, 20_100, 4096)]),
+            headers={"content-type": "application/json"},
+            timeout=60,
+        )
+        for answer in (declared, chunked):
+            assert answer.status_code == 413, answer.text
+            assert answer.json()["error"]["code"] == "request_too_large" and "--max-body-mb" in answer.text
+        small = _post(base_url, "/completions", {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 2})
+        assert small.status_code == 200, small.text  # a body under the limit is replayed to the app intact
+        assert service.in_flight == 0
+
+
+def test_a_prompt_that_cannot_fit_the_context_is_refused_before_it_is_tokenised(server, monkeypatch):
+    _, service = server
+    calls = []
+    tokenizer = service.tokenizer
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __call__(self, text, **kwargs):
+            calls.append(len(text))
+            return tokenizer(text, **kwargs)
+
+        def apply_chat_template(self, *args, **kwargs):
+            calls.append("template")
+            return tokenizer.apply_chat_template(*args, **kwargs)
+
+    monkeypatch.setattr(service, "tokenizer", Counting())
+    huge = "y" * (service.max_prompt_chars + 1)
+    for prepare, body in (
+        (service.prepare_completion, {"prompt": huge}),
+        (service.prepare_chat, {"messages": [{"role": "user", "content": huge}]}),
+    ):
+        request_type = CompletionRequest if prepare == service.prepare_completion else ChatCompletionRequest
+        with pytest.raises(APIError) as refused:
+            prepare(request_type(model=MODEL_NAME, **body))
+        assert refused.value.status == 400 and refused.value.code == "context_length_exceeded"
+    with pytest.raises(APIError):  # a token-id prompt is measured by its length too
+        service.prepare_completion(CompletionRequest(model=MODEL_NAME, prompt=[1] * service.max_model_len))
+    assert calls == []
+
+
+@pytest.mark.slow
+def test_tokenising_a_prompt_does_not_block_other_clients(server, monkeypatch):
+    base_url, service = server
+    tokenizer = service.tokenizer
+
+    class Slow:
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __call__(self, text, **kwargs):
+            if "slow" in text:
+                time.sleep(3.0)
+            return tokenizer(text, **kwargs)
+
+    monkeypatch.setattr(service, "tokenizer", Slow())
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(_post, base_url, "/completions", {"model": MODEL_NAME, "prompt": "slow", "max_tokens": 1})
+        time.sleep(0.5)
+        started = time.monotonic()
+        assert httpx.get(base_url.removesuffix("/v1") + "/health", timeout=10).status_code == 200
+        assert time.monotonic() - started < 1.5, "the event loop was blocked while a prompt was tokenised"
+        assert slow.result(timeout=30).status_code == 200
+
+
+@pytest.mark.parametrize("value", [0, -1.0, float("nan")])
+def test_max_body_mb_must_be_positive(value):
+    from phds.serving import ServeConfig
+
+    with pytest.raises(ValueError, match="`max_body_mb` must be > 0"):
+        ServeConfig(model="tiny:olmoe", max_body_mb=value)

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
-from phds.serving.errors import APIError, unauthorized
+from phds.serving.errors import APIError, body_too_large, unauthorized
 from phds.serving.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -40,7 +40,49 @@ from phds.serving.service import Job, Outcome, Service
 logger = logging.getLogger(__name__)
 
 
-def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
+DEFAULT_MAX_BODY_BYTES = 4 * 2**20  # `ServeConfig.max_body_mb`'s default
+
+
+class _BodyLimit:
+    """ASGI middleware: read a request's body (at most `limit` bytes) before the app sees it; a larger one, by its
+    Content-Length or by what actually arrives (chunked bodies have none), is answered with a 413 at once."""
+
+    def __init__(self, app, *, limit: int, refused) -> None:
+        self.app, self.limit, self.refused = app, limit, refused
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        too_large = declared is not None and declared.isdigit() and int(declared) > self.limit
+        chunks, size, more = [], 0, not too_large
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away mid-body
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            too_large = size > self.limit
+            if too_large:
+                break
+        if too_large:
+            return await self.refused(self.limit)(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # then the disconnect, when it comes
+
+        await self.app(scope, replay, send)
+
+
+def create_app(
+    service: Service, *, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+) -> FastAPI:
     """A FastAPI app serving `service`; its lifespan starts and stops the engine thread.
 
     Example: `uvicorn.run(create_app(Service.from_config(config)), host="127.0.0.1", port=8000)`.
@@ -65,6 +107,8 @@ def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
     def error_response(error: APIError) -> JSONResponse:
         service.metrics.errors.labels(type=error.type, status=str(error.status)).inc()
         return JSONResponse(error.body().model_dump(), status_code=error.status, headers=error.headers)
+
+    app.add_middleware(_BodyLimit, limit=max_body_bytes, refused=lambda limit: error_response(body_too_large(limit)))
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, error: APIError) -> JSONResponse:
@@ -110,12 +154,12 @@ def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(body: CompletionRequest, request: Request):
-        job = service.prepare_completion(body)
+        job = await service.prepare_off_loop(service.prepare_completion, body)
         return await _answer(service, job, request)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        job = service.prepare_chat(body)
+        job = await service.prepare_off_loop(service.prepare_chat, body)
         return await _answer(service, job, request)
 
     return app

@@ -26,7 +26,8 @@ class ServeConfig:
         max_model_len: prompt plus completion tokens; defaults to the model's `max_position_embeddings`.
         auto_target_ms: per-token latency target enabling `k: "auto"` (None: auto is refused with a 400).
         auto_queue_step: waiting requests that lower an auto request's k by one declared step.
-        drain_timeout_s: on SIGTERM, how long in-flight requests may take to finish before they are cancelled.
+        drain_timeout_s: on SIGTERM, how long in-flight requests may take to finish; the rest get 503 shutting_down.
+        max_body_mb: largest request body accepted (MB); a larger one is answered with a 413 before it is parsed.
         dtype: "auto", "float32", "bfloat16" or "float16".
         device: defaults to CUDA when present, else CPU.
         compile: let the engine `torch.compile` its decode step.
@@ -48,6 +49,7 @@ class ServeConfig:
     auto_target_ms: float | None = None
     auto_queue_step: int = 4
     drain_timeout_s: float = 30.0
+    max_body_mb: float = 4.0
     dtype: str = "auto"
     device: str | None = None
     compile: bool = False
@@ -71,6 +73,8 @@ class ServeConfig:
             raise ValueError(f"`max_model_len` must be >= 2, got {self.max_model_len}")
         if self.auto_target_ms is not None and not self.auto_target_ms > 0:
             raise ValueError(f"`auto_target_ms` must be > 0, got {self.auto_target_ms}")
+        if not self.max_body_mb > 0:
+            raise ValueError(f"`max_body_mb` must be > 0, got {self.max_body_mb}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"`drain_timeout_s` must be >= 0, got {self.drain_timeout_s}")
         if self.k_set is not None:

@@ -69,3 +69,11 @@ def shutting_down() -> APIError:
         code="shutting_down",
         headers={"Retry-After": "5"},
     )
+
+
+def body_too_large(limit_bytes: int) -> APIError:
+    return APIError(
+        413,
+        f"The request body is larger than this server's limit of {limit_bytes} bytes (--max-body-mb).",
+        code="request_too_large",
+    )

@@ -30,7 +30,7 @@ _ANSWER_GRACE_S = 5.0
 
 def uvicorn_config(service: Service, config: ServeConfig, port: int | None = None) -> uvicorn.Config:
     return uvicorn.Config(
-        create_app(service, api_key=config.api_key),
+        create_app(service, api_key=config.api_key, max_body_bytes=int(config.max_body_mb * 2**20)),
         host=config.host,
         port=config.port if port is None else port,
         timeout_graceful_shutdown=config.drain_timeout_s + _ANSWER_GRACE_S,

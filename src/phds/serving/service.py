@@ -7,6 +7,8 @@ finish reason on the last one. Leaving `generate` early (a client that hung up) 
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import re
 import time
@@ -114,6 +116,12 @@ class Service:
         self.vocab_size = model.config.get_text_config().vocab_size
         if auto_policy is not None:
             self.metrics.auto_k_target_ms.set(auto_policy.target_ms)
+        # Tokenising runs on one worker thread of its own (a fast tokenizer is not safe to call from two threads at
+        # once), never on the event loop, so a long prompt delays no other client's answer.
+        self._tokenizing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="phds-tokenize")
+        # No token is longer than this many characters, so a text over `max_model_len * longest` characters is
+        # over the context length whatever it tokenises to: refused before tokenising any of it.
+        self.max_prompt_chars = max_model_len * _longest_token_chars(tokenizer)
         eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
         self.eos_token_ids = tuple(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
 
@@ -196,12 +204,33 @@ class Service:
 
     # ------------------------------------------------------------------------------------------- preparation
 
+    async def prepare_off_loop(self, prepare: Callable, request) -> Job:
+        """Run `prepare(request)` (`prepare_completion` / `prepare_chat`) on the tokenising thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, prepare, request)
+
+    def _check_prompt_size(self, *, tokens: int | None = None, chars: int | None = None) -> None:
+        """Refuse a prompt over the context length, from its token count or (before tokenising) its length."""
+        if tokens is not None and tokens >= self.max_model_len:
+            size = f"{tokens} tokens"
+        elif chars is not None and chars > self.max_prompt_chars:
+            size = f"{chars} characters (no text over {self.max_prompt_chars} fits)"
+        else:
+            return
+        raise bad_request(
+            f"the prompt has {size}; this model's maximum context length is {self.max_model_len} tokens "
+            "(prompt plus completion)",
+            "prompt",
+            "context_length_exceeded",
+        )
+
     def prepare_completion(self, request: CompletionRequest) -> Job:
         """Validate and tokenise a completions request (special tokens added, as the tokenizer does by default)."""
         if isinstance(request.prompt, str):
+            self._check_prompt_size(chars=len(request.prompt))
             prompt_ids = self.tokenizer(request.prompt, add_special_tokens=True).input_ids
         else:
             prompt_ids = list(request.prompt)
+            self._check_prompt_size(tokens=len(prompt_ids))
             bad = [i for i in prompt_ids if not 0 <= i < self.vocab_size]
             if bad:
                 raise bad_request(f"`prompt` token ids must be in [0, {self.vocab_size}), got {bad[:5]}", "prompt")
@@ -213,6 +242,10 @@ class Service:
         try:
             for message in request.messages:
                 messages.append({**(message.model_extra or {}), "role": message.role, "content": message.text()})
+        except ValueError as error:
+            raise bad_request(str(error), "messages") from error
+        self._check_prompt_size(chars=sum(len(m["content"]) for m in messages))
+        try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except ValueError as error:
             raise bad_request(str(error), "messages") from error
@@ -391,3 +424,9 @@ def _finish_reason(event) -> str:
     if reason.startswith("error"):
         raise APIError(500, f"the engine failed: {reason}", type="internal_error", code="engine_error")
     return reason
+
+
+def _longest_token_chars(tokenizer) -> int:
+    """The most characters one token of `tokenizer` decodes to (at least 1; byte-level and sentencepiece markers
+    count as one character each, as the text they stand for does)."""
+    return max((len(piece) for piece in tokenizer.get_vocab()), default=1) or 1
