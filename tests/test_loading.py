@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -133,6 +134,12 @@ def test_saved_checkpoint_folder_has_ordinary_permissions(tmp_path):
         ({"ks": [2, 4], "k_pre": 4, "made_by": ["x"]}, "made_by"),
         ({"ks": [2, 4], "k_pre": 4, "validation_loss": {"two": 1.0}}, "validation_loss"),
         ({"ks": [2, 4], "k_pre": 4, "format_version": 2}, "format_version"),
+        ({"ks": [2, 4], "k_pre": 4, "format_version": "1"}, "format_version"),
+        ({"ks": [2, 4], "k_pre": 4, "format_version": 1.0}, "format_version"),
+        ({"ks": [2, 4], "k_pre": 4, "default_k": 2.0}, "default_k"),
+        ({"ks": [2, 4], "k_pre": 4, "anchor_k": 2.0}, "anchor_k"),
+        ({"ks": [2, 4], "k_pre": 4, "method": ["phds"]}, "method"),
+        ({"ks": [2, 4], "k_pre": 4.0}, "k_pre"),
         ({"k_pre": 4}, "ks"),
     ],
 )
@@ -231,3 +238,54 @@ def test_an_unknown_or_absent_device_is_refused_before_loading(device, message):
         pytest.skip("CUDA is available here")
     with pytest.raises(ValueError, match=message):
         phds.load("tiny:olmoe", device=device)
+
+
+def test_a_sidecar_that_is_not_utf8_names_the_file(tmp_path):
+    (tmp_path / "phds.json").write_bytes(b'{"ks": [2], "k_pre": 4, "method": "\xff"}')
+    with pytest.raises(ValueError, match=r"phds\.json is not valid UTF-8"):
+        phds.read_sidecar(tmp_path)
+
+
+# Every reader of a checkpoint goes through the one validator: `phds.load`, `phds eval`, `phds serve`, lm-eval.
+BAD_SIDECARS = {
+    "k_pre": ({"ks": [2], "k_pre": 2}, r"`k_pre`=2 does not match the model"),
+    "format_version": ({"ks": [2, 4], "k_pre": 4, "format_version": 7}, "`format_version` 7"),
+    "types": ({"ks": [2, 4], "k_pre": 4, "default_k": "4"}, "`default_k`"),
+    "k_above_experts": ({"ks": [2, 9], "k_pre": 4}, r"`ks`.*\(8\).*\[9\] too large"),
+}
+
+
+@pytest.fixture(params=sorted(BAD_SIDECARS))
+def bad_checkpoint(request, tmp_path):
+    fields, message = BAD_SIDECARS[request.param]
+    _save_tiny(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "phds.json").write_text(json.dumps(fields))
+    return tmp_path / "ckpt", message
+
+
+def test_phds_load_refuses_each_bad_sidecar_naming_file_and_field(bad_checkpoint):
+    path, message = bad_checkpoint
+    with pytest.raises(ValueError, match=message) as error:
+        phds.load(path, device="cpu")
+    assert str(path / "phds.json") in str(error.value)
+
+
+def test_phds_eval_and_serve_refuse_each_bad_sidecar_in_one_line(bad_checkpoint, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import phds.serving.server
+    from phds.cli import app
+
+    path, message = bad_checkpoint
+    monkeypatch.setattr(phds.serving.server, "serve", lambda *a, **k: pytest.fail("served a bad checkpoint"))
+    tasks = tmp_path / "mc.jsonl"
+    tasks.write_text(json.dumps({"query": "q", "choices": ["a", "b"], "gold": 0}) + "\n")
+    for args in (
+        ["eval", str(path), "--tasks", str(tasks), "--out", str(tmp_path / "o"), "--device", "cpu"],
+        ["serve", str(path), "--device", "cpu"],
+    ):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, result.output
+        last = result.output.strip().splitlines()[-1]
+        assert last.startswith("error:") and "phds.json" in last and re.search(message, last), result.output
+    assert not (tmp_path / "o").exists()

@@ -113,10 +113,12 @@ class Sidecar:
             raise ValueError(f"`k_pre` must be a positive int, got k_pre={self.k_pre!r}")
         if self.default_k is None:
             self.default_k = default_k(self.ks, self.k_pre)
+        if not _is_positive_int(self.default_k):  # 2.0 == 2 would pass the membership test below
+            raise ValueError(f"`default_k` must be a positive int, got default_k={self.default_k!r}")
         check_default_k(self.default_k, self.ks)
-        if self.anchor_k is not None and (self.anchor_k not in self.ks or isinstance(self.anchor_k, bool)):
+        if self.anchor_k is not None and (self.anchor_k not in self.ks or not _is_positive_int(self.anchor_k)):
             raise ValueError(f"`anchor_k` must be one of the declared ks {self.ks}, got anchor_k={self.anchor_k!r}")
-        if self.method not in METHODS:
+        if not isinstance(self.method, str) or self.method not in METHODS:
             raise ValueError(f"`method` must be one of {list(METHODS)}, got method={self.method!r}")
         if self.method == "oracle" and len(self.ks) != 1:
             raise ValueError(f"an oracle is trained at one fixed k, got ks={self.ks}")
@@ -130,7 +132,11 @@ class Sidecar:
                 '`validation_loss` must map k (a string of digits) to a number, e.g. {"2": 1.5}, '
                 f"got validation_loss={self.validation_loss!r}"
             )
-        if self.format_version != FORMAT_VERSION or isinstance(self.format_version, bool):
+        if (
+            not isinstance(self.format_version, int)
+            or isinstance(self.format_version, bool)
+            or (self.format_version != FORMAT_VERSION)
+        ):
             raise ValueError(
                 f"`format_version` {self.format_version!r} is not understood by this phds (it reads "
                 f"version {FORMAT_VERSION}); upgrade phds"
@@ -238,7 +244,9 @@ def read_sidecar(directory: str | os.PathLike, *, model=None) -> Sidecar | None:
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not valid UTF-8 (byte {error.start}); rewrite it as UTF-8 JSON") from None
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from error
     sidecar = Sidecar.from_dict(data, source=path)

@@ -223,3 +223,12 @@ def test_phds_lm_eval_errors_are_one_line(monkeypatch):
     result = CliRunner().invoke(app, ["lm-eval", "--model", "phds"])
     assert result.exit_code == 2
     assert result.output.strip() == "error: `k` must be a positive int, got k='two'"
+
+
+def test_the_adapter_checks_the_sidecar_against_the_model(tmp_path):
+    from phds.evaluation.lm_eval_adapter import PHDSLM
+
+    phds.save(phds.tiny_model("olmoe"), tmp_path / "ckpt", tokenizer=phds.tiny_tokenizer())
+    (tmp_path / "ckpt" / "phds.json").write_text(json.dumps({"ks": [2, 9], "k_pre": 4}))
+    with pytest.raises(ValueError, match=r"phds\.json.*`ks`.*\[9\] too large"):
+        PHDSLM(pretrained=str(tmp_path / "ckpt"), k=2, device="cpu")

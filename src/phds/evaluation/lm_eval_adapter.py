@@ -61,13 +61,16 @@ class PHDSLM(HFLM):
             check_model_source(pretrained)
             if "device" in kwargs and kwargs["device"] is not None:
                 resolve_device(kwargs["device"])
-            if Path(pretrained).is_dir():
-                sidecar = read_sidecar(pretrained)
+            path = Path(pretrained).expanduser()
+            if path.is_dir():
+                sidecar = read_sidecar(path)  # a malformed file fails before the model is loaded
             if pretrained.startswith(TINY_PREFIX):
                 model, tokenizer = load(pretrained, device=kwargs.pop("device", None), dtype="float32")
                 kwargs["tokenizer"] = kwargs.get("tokenizer") or tokenizer
                 pretrained = model
         super().__init__(pretrained=pretrained, **kwargs)
+        if sidecar is not None:  # the same checks as `phds.load`: the sidecar's ks and k_pre against the model
+            sidecar = read_sidecar(path, model=self.model)
         if requested is None:
             requested = sidecar.default_k if sidecar is not None else dial.k_pre(self.model)
         check_k(requested, num_experts=dial.num_experts(self.model))
