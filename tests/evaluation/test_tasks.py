@@ -69,3 +69,12 @@ def test_few_shot_examples_are_fixed_by_the_seed_and_exclude_the_item(task_dir):
 def test_gsm8k_gold_is_the_number_after_the_hashes():
     assert gold_number("she has 3 + 4 = 7 eggs\n#### 1,007") == "1007"
     assert gold_number(18) == "18"
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt"])
+def test_invalid_utf8_in_a_task_file_names_its_line(tmp_path, suffix):
+    path = tmp_path / f"bad{suffix}"
+    good = json.dumps({"query": "q", "choices": ["a", "b"], "gold": 0}).encode()
+    path.write_bytes(good + b"\n" + good.replace(b'"q"', b'"\xe9"') + b"\n")
+    with pytest.raises(ValueError, match=rf"bad\{suffix}:2: invalid UTF-8"):
+        load_task(path)

@@ -110,3 +110,11 @@ def test_rows_of_a_list_are_named_by_their_1_based_number():
     rows = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": None}]
     with pytest.raises(ValueError, match=r"row 2: field `completion`"):
         prepare_data(rows, None, eval_fraction=0)
+
+
+def test_a_line_separator_inside_a_json_string_is_not_a_line_break(tmp_path):
+    path = tmp_path / "data.jsonl"
+    rows = [{"prompt": "a\u2028b", "completion": "c"}, {"prompt": "d", "completion": None}]
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"data.jsonl:2: field `completion`"):
+        prepare_data(str(path), None, eval_fraction=0)

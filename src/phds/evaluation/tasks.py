@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from phds.textfiles import read_utf8
+
 DATA_ENV = "PHDS_DATA"
 
 # kind -> (required fields, field types). Detection picks the kind whose required fields are all present.
@@ -137,30 +139,29 @@ def load_task(spec: str | os.PathLike) -> Task:
     path = resolve(spec)
     name = path.stem
     if path.suffix == ".txt":
-        text = path.read_text(encoding="utf-8")
+        text = read_utf8(path)
         if not text.strip():
             raise ValueError(f"{path}: empty text file")
         return Task(name=name, kind="perplexity", path=path, items=[{"text": text}], line_numbers=[1])
     items, lines, kind = [], [], None
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
-            if not isinstance(item, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(item).__name__}")
-            line_kind = _detect(item, where)
-            if kind is None:
-                kind = line_kind
-            elif line_kind != kind:
-                raise ValueError(f"{where}: format {line_kind!r} differs from the file's first item ({kind!r})")
-            _check(item, kind, where)
-            items.append(item)
-            lines.append(number)
+    for number, line in enumerate(read_utf8(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
+        if not isinstance(item, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(item).__name__}")
+        line_kind = _detect(item, where)
+        if kind is None:
+            kind = line_kind
+        elif line_kind != kind:
+            raise ValueError(f"{where}: format {line_kind!r} differs from the file's first item ({kind!r})")
+        _check(item, kind, where)
+        items.append(item)
+        lines.append(number)
     if not items:
         raise ValueError(f"{path}: no items")
     return Task(name=name, kind=kind, path=path, items=items, line_numbers=lines)

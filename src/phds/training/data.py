@@ -16,6 +16,8 @@ from pathlib import Path
 
 import datasets
 
+from phds.textfiles import read_utf8
+
 logger = logging.getLogger(__name__)
 
 DataSource = str | os.PathLike | datasets.Dataset | Sequence[Mapping]
@@ -35,14 +37,7 @@ def _check_text_file(path: Path, builder: str, what: str) -> list[int] | None:
     JSON object in a JSON-lines file. A `.json` file holding one JSON document (a list of rows) has no line per row:
     None then, and rows are named by their 1-based number instead.
     """
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = data.count(b"\n", 0, error.start) + 1
-        raise ValueError(
-            f"`{what}` {path}:{line}: invalid UTF-8 (byte {data[error.start]:#04x}); save the file as UTF-8"
-        ) from None
+    text = read_utf8(path, what)
     if builder != "json":
         return None
     if path.suffix.lower() == ".json" and text.lstrip().startswith(("[", "{\n", "{\r")):
@@ -53,7 +48,7 @@ def _check_text_file(path: Path, builder: str, what: str) -> list[int] | None:
             if text.lstrip().startswith("["):
                 raise ValueError(f"`{what}` {path}:{error.lineno}: invalid JSON: {error.msg}") from None
     lines = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
