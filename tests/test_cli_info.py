@@ -36,3 +36,26 @@ def test_info_on_a_bad_model_exits_with_a_clear_error():
     result = runner.invoke(app, ["info", "tiny:nonexistent"])
     assert result.exit_code == 2
     assert "unknown tiny model" in result.output
+
+
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path, monkeypatch):
+    import pytest
+
+    import phds.bench
+    import phds.demo
+    import phds.experiment
+
+    for module, name in ((phds.bench, "bench"), (phds.demo, "run_demo"), (phds.experiment, "load_spec")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("started work"))
+    taken = tmp_path / "taken"
+    taken.write_text("keep me")
+    for args, message in (
+        (["bench", "--k", "1", "--json", str(tmp_path)], "is a directory"),
+        (["bench", "--k", "1", "--json", str(taken / "bench.json")], "is a file"),
+        (["demo", "--out", str(taken)], "is a file"),
+        (["experiment", "spec.toml", "--out", str(taken)], "is a file"),
+    ):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert result.output.startswith("error:") and message in result.output, result.output
+    assert taken.read_text() == "keep me"

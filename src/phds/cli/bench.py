@@ -10,7 +10,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from phds.cli import app
-from phds.cli.common import console, parse_ks, user_errors
+from phds.cli.common import check_out_file, console, parse_ks, user_errors
 
 
 def _names(text: str) -> list[str]:
@@ -46,6 +46,8 @@ def bench(
     from phds.bench import bench as run_bench
 
     with user_errors():
+        if json_out is not None:
+            check_out_file(json_out, "--json")
         config = BenchConfig(
             model=model,
             tiny_config=None if model is not None else tiny_config,

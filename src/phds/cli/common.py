@@ -82,3 +82,17 @@ def check_out_dir(out: Path, option: str = "--out") -> None:
     """
     if out.exists() and not out.is_dir():
         raise ValueError(f"`{option}` {out} is a file, not a directory; choose a directory path")
+
+
+def check_out_file(path: Path, option: str) -> None:
+    """Refuse an output file that cannot be written (a directory, or a parent that is a file), before any work.
+
+    Example: `check_out_file(Path("bench.json"), "--json")`.
+    """
+    if path.is_dir():
+        raise ValueError(f"`{option}` {path} is a directory; give a file path")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"`{option}` {path}: {parent} is a file, not a directory")
+            break

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from phds.cli import app
-from phds.cli.common import console, parse_ks, user_errors
+from phds.cli.common import check_out_dir, console, parse_ks, user_errors
 
 
 @app.command()
@@ -24,6 +24,7 @@ def demo(
     from phds.demo import run_demo
 
     with user_errors():
+        check_out_dir(out)
         chosen = parse_ks(seeds, "--seeds", minimum=0) if seeds else None
         result = run_demo(
             out, quick=quick, seeds=chosen, jobs=jobs, force=force, say=console.print, command=_command_line()

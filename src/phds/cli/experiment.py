@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from phds.cli import app
-from phds.cli.common import console, parse_ks, user_errors
+from phds.cli.common import check_out_dir, console, parse_ks, user_errors
 
 
 @app.command()
@@ -26,6 +26,7 @@ def experiment(
     from phds.experiment import load_spec, run_experiment
 
     with user_errors():
+        check_out_dir(out)
         overrides = {"seeds": parse_ks(seeds, "--seeds", minimum=0)} if seeds else None
         loaded = load_spec(spec, out, overrides)
         result = run_experiment(
