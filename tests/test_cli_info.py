@@ -59,3 +59,9 @@ def test_unwritable_outputs_are_refused_before_any_work(tmp_path, monkeypatch):
         assert result.exit_code == 2, (args, result.output)
         assert result.output.startswith("error:") and message in result.output, result.output
     assert taken.read_text() == "keep me"
+
+
+def test_a_malformed_k_list_is_one_line_like_every_other_error():
+    result = runner.invoke(app, ["eval", "tiny:olmoe", "--k", "1,x", "--tasks", "t.jsonl", "--out", "o"])
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: --k must be integers like '1,2,4' or '2-4', got '1,x'"

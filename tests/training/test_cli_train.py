@@ -174,8 +174,7 @@ def test_bad_input_fails_before_training_and_writes_nothing(tmp_path, data_file,
     }.get(case, [])
     result = runner.invoke(app, ["train", model, "--data", data, "--out", str(out), *k, *extra, *FAST, *late])
     assert result.exit_code == 2, result.output
-    if case not in ("bad_k_list", "bad_eval_k_list"):  # those are typer's usage errors, shown with the usage
-        assert result.output.strip().splitlines()[-1].startswith("error:"), result.output  # one line
+    assert result.output.strip().splitlines()[-1].startswith("error:"), result.output  # one line
     assert "Traceback" not in result.output
     assert message in " ".join(result.output.split())
     assert not out.exists()

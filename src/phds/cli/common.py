@@ -16,7 +16,8 @@ err_console = Console(stderr=True)
 
 
 def parse_ks(text: str, option: str = "--k", minimum: int = 1) -> list[int]:
-    """'1,2,4' or '2-4' or '1,3-4' -> sorted unique ints; a clear error otherwise.
+    """'1,2,4' or '2-4' or '1,3-4' -> sorted unique ints; a ValueError naming the option otherwise (call it inside
+    `user_errors`, which prints it as one line).
 
     Example: `parse_ks("2-4,8") == [2, 3, 4, 8]`.
     """
@@ -32,11 +33,11 @@ def parse_ks(text: str, option: str = "--k", minimum: int = 1) -> list[int]:
             elif part:
                 ks.add(int(part))
     except ValueError:
-        raise typer.BadParameter(f"{option} must be integers like '1,2,4' or '2-4', got {text!r}") from None
+        raise ValueError(f"{option} must be integers like '1,2,4' or '2-4', got {text!r}") from None
     if not ks:
-        raise typer.BadParameter(f"{option} is empty")
+        raise ValueError(f"{option} is empty, got {text!r}")
     if min(ks) < minimum:
-        raise typer.BadParameter(f"{option} values must be >= {minimum}, got {text!r}")
+        raise ValueError(f"{option} values must be >= {minimum}, got {text!r}")
     return sorted(ks)
 
 

@@ -21,7 +21,7 @@ TASKS_HELP = (
 def _tasks(text: str) -> list[str]:
     tasks = [t.strip() for t in text.split(",") if t.strip()]
     if not tasks:
-        raise typer.BadParameter(f"--tasks is empty, got {text!r}")
+        raise ValueError(f"--tasks is empty, got {text!r}")
     return tasks
 
 
@@ -88,8 +88,8 @@ def eval_command(
     """Evaluate one model at each k: quality with 95% CIs, cross-k agreement, latency; one pass per k."""
     from phds.evaluation import evaluate
 
-    ks = parse_ks(k) if k is not None else None
     with user_errors():
+        ks = parse_ks(k) if k is not None else None
         check_out_dir(out)
         results = evaluate(
             model,
@@ -125,8 +125,8 @@ def sweep_command(
     """Robustness probe of a base model: evaluate at every k from 1 to k_pre and say where quality falls off."""
     from phds.evaluation import sweep
 
-    ks = parse_ks(k) if k is not None else None
     with user_errors():
+        ks = parse_ks(k) if k is not None else None
         check_out_dir(out)
         results = sweep(
             model,

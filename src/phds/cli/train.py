@@ -16,7 +16,7 @@ def _parse_weights(text: str | None) -> list[float] | None:
     try:
         return [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise typer.BadParameter(f"--k-weights must be numbers like '1,1,2', got {text!r}") from None
+        raise ValueError(f"--k-weights must be numbers like '1,1,2', got {text!r}") from None
 
 
 @app.command("train")
@@ -104,9 +104,9 @@ def train_command(
     """Fine-tune MODEL with PHDS over the declared ks (or a fixed-k oracle with --fixed-k); keep the best checkpoint."""
     from phds.training import PHDSConfig, train
 
-    ks = parse_ks(k) if k is not None else None
-    eval_ks = parse_ks(eval_k, option="--eval-k") if eval_k is not None else None
     with user_errors():
+        ks = parse_ks(k) if k is not None else None
+        eval_ks = parse_ks(eval_k, option="--eval-k") if eval_k is not None else None
         config = PHDSConfig(
             output_dir=str(out),
             ks=ks,
