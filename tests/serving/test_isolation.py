@@ -77,6 +77,29 @@ def test_a_seed_torch_refuses_fails_only_its_own_request_in_the_engine_step():
     assert bad[0].finish_reason.startswith("error: ")
 
 
+def test_a_row_whose_sampling_fails_ends_alone_and_its_neighbours_keep_their_tokens_and_random_streams():
+    # temperature 1e-300 passes the edge (OpenAI allows [0, 2]) but overflows logits / temperature into NaN.
+    model = phds.tiny_model("olmoe", vocab_size=100, seed=3)
+    greedy = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    seeded = SamplingParams(max_new_tokens=6, ignore_eos=True, temperature=0.9, seed=7)
+    alone = {
+        "greedy": Engine(model, None, max_batch_size=4).generate([[1, 5, 6]], ks=2, params=greedy)[0],
+        "seeded": Engine(model, None, max_batch_size=4).generate([[1, 8]], ks=4, params=seeded)[0],
+    }
+    engine = Engine(model, None, max_batch_size=4)
+    engine.add(Request(request_id="greedy", prompt_ids=[1, 5, 6], k=2, params=greedy))
+    engine.add(Request(request_id="seeded", prompt_ids=[1, 8], k=4, params=seeded))
+    hostile = SamplingParams(max_new_tokens=6, temperature=1e-300)
+    engine.add(Request(request_id="bad", prompt_ids=[1, 7], k=1, params=hostile))
+    events = []
+    while engine.has_work():
+        events += engine.step()
+    for name, expected in alone.items():
+        assert [e.token_id for e in events if e.request_id == name and e.token_id is not None] == expected, name
+    bad = [e for e in events if e.request_id == "bad"]
+    assert len(bad) == 1 and bad[0].token_id is None and bad[0].finish_reason.startswith("error: ")
+
+
 # ------------------------------------------------------------------------------------------- item 3: odd text
 
 

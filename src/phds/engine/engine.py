@@ -323,10 +323,33 @@ class Engine:
             self._rows[index] = self._rows[last]
         self._rows.pop()
 
+    def _choose(self, rows: list[_Row], logits_BV: torch.Tensor) -> list[int | str]:
+        """Each row's next token, or the error that row alone raised (its neighbours still get their tokens, from
+        the generator states they would have had without it)."""
+        generators = [r.generator for r in rows]
+        states = [g.get_state() if g is not None else None for g in generators]
+        try:
+            return choose_tokens(logits_BV, [r.request.params for r in rows], generators)
+        except (RuntimeError, ValueError) as batch_error:
+            logger.warning("sampling failed (%s); choosing row by row", batch_error)
+        tokens: list[int | str] = []
+        for b, (row, generator, state) in enumerate(zip(rows, generators, states, strict=True)):
+            if generator is not None:
+                generator.set_state(state)
+            try:
+                tokens.append(choose_tokens(logits_BV[b : b + 1], [row.request.params], [generator])[0])
+            except (RuntimeError, ValueError) as error:
+                tokens.append(f"error: {type(error).__name__}: {error}")
+        return tokens
+
     def _emit(self, rows: list[_Row], logits_BV: torch.Tensor) -> list[TokenEvent]:
-        tokens = choose_tokens(logits_BV, [r.request.params for r in rows], [r.generator for r in rows])
+        tokens = self._choose(rows, logits_BV)
         events, finished = [], []
         for row, token in zip(rows, tokens, strict=True):
+            if isinstance(token, str):  # this row's sampling failed: it ends alone, with the error
+                events.append(TokenEvent(row.request.request_id, None, True, token))
+                finished.append(row.request.request_id)
+                continue
             row.last_token = token
             row.generated += 1
             params = row.request.params
