@@ -263,3 +263,27 @@ def test_max_body_mb_must_be_positive(value):
 
     with pytest.raises(ValueError, match="`max_body_mb` must be > 0"):
         ServeConfig(model="tiny:olmoe", max_body_mb=value)
+
+
+def test_an_unexpected_failure_is_answered_in_openai_shape_without_its_text_and_a_stream_still_ends(
+    server, monkeypatch
+):
+    from phds.serving.detok import TextStream
+
+    base_url, service = server
+
+    def boom(self, token_id):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(TextStream, "push", boom)
+    body = {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 3}
+    plain = _post(base_url, "/completions", body)
+    assert plain.status_code == 500 and plain.json()["error"]["type"] == "internal_error"
+    assert "secret" not in plain.text
+    with httpx.stream("POST", base_url + "/completions", json={**body, "stream": True}, timeout=60) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]", lines
+    error = json.loads(lines[-2].removeprefix("data: "))["error"]
+    assert error["type"] == "internal_error" and "secret" not in error["message"]
+    monkeypatch.undo()
+    wait_until(lambda: idle(service), "the failed requests to leave the engine")

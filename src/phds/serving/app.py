@@ -275,6 +275,11 @@ async def _sse(service: Service, job: Job):
     except APIError as error:  # the status line is gone; report in-band, as OpenAI does
         service.metrics.errors.labels(type=error.type, status=str(error.status)).inc()
         yield _data(error.body())
+    except Exception as error:  # an unexpected failure still ends the stream in-band rather than cutting it
+        logger.exception("unexpected error streaming %s", job.request_id)
+        internal = APIError(500, f"internal error ({type(error).__name__}); see the server log", type="internal_error")
+        service.metrics.errors.labels(type=internal.type, status="500").inc()
+        yield _data(internal.body())
     yield "data: [DONE]\n\n"
 
 
