@@ -104,10 +104,11 @@ def test_a_row_whose_sampling_fails_ends_alone_and_its_neighbours_keep_their_tok
 
 
 @pytest.mark.parametrize("suffix", ["k\u00b2", "k\u0662", "k\uff11"])  # superscript two, Arabic-Indic two, fullwidth 1
-def test_a_non_ascii_digit_in_the_model_suffix_is_an_openai_error_not_a_500(server, suffix):
+def test_a_non_ascii_digit_in_the_model_suffix_is_a_400_not_a_500(server, suffix):
     answer = _post(server[0], "/completions", {"model": f"{MODEL_NAME}@{suffix}", "prompt": "hi", "max_tokens": 1})
-    assert answer.status_code == 404, answer.text
-    assert answer.json()["error"]["code"] == "model_not_found"
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == "model" and "malformed suffix" in error["message"]
 
 
 @pytest.mark.parametrize(

@@ -178,8 +178,12 @@ class Service:
                 from_name = AUTO
             elif re.fullmatch(r"k[0-9]{1,6}", suffix):  # ASCII digits only: `str.isdigit` also takes "²"
                 from_name = int(suffix[1:])
-            else:
-                raise model_not_found(model, self.model_name)
+            else:  # the model exists; the request names it wrongly
+                raise bad_request(
+                    f"`model` {model!r} has a malformed suffix: use {self.model_name}@k<ASCII digits> or "
+                    f"{self.model_name}@auto",
+                    "model",
+                )
         if from_name is not None and k is not None and from_name != k:
             raise bad_request(f"`k` is {k!r} in the body but {from_name!r} in the model name {model!r}", "k")
         wanted = k if k is not None else from_name
