@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 
 import typer
 
@@ -40,6 +41,10 @@ def _register_commands() -> None:
 _register_commands()
 
 
+# click's UsageError (typer vendors click in newer releases, so the class is found from the one typer exports)
+_USAGE_ERROR = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "UsageError")
+
+
 def main() -> None:
     """Entry point of the `phds` console script."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -49,4 +54,16 @@ def main() -> None:
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
-    app()
+    # A usage error (a missing argument, `--max-steps abc`) is one line like every other error, not click's box.
+    try:
+        code = app(standalone_mode=False)
+    except _USAGE_ERROR as error:
+        message = error.format_message()
+        if message:  # no message: `phds` alone, which has just printed its help
+            command = error.ctx.command_path if error.ctx is not None else "phds"
+            typer.echo(f"error: {message} (see `{command} --help`)", err=True)
+        sys.exit(error.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
