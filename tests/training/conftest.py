@@ -34,6 +34,20 @@ def fast_config(output_dir, **overrides) -> PHDSConfig:
     return PHDSConfig(**values)
 
 
+def resumable_config(output_dir, *, resume: bool, steps: int = 8) -> PHDSConfig:
+    """A PHDS run over ks 1-4 with resumable checkpoints every 3 steps and validation (so a best-model save) every 4."""
+    return fast_config(
+        output_dir,
+        ks=[1, 2, 3, 4],
+        anchor_fraction=0.25,
+        max_steps=steps,
+        save_strategy="steps",
+        save_steps=3,
+        eval_steps=4,
+        resume_from_checkpoint="last" if resume else None,
+    )
+
+
 @pytest.fixture
 def addition_rows() -> list[dict]:
     return list(ADDITION)

@@ -20,24 +20,14 @@ import torch
 
 import phds
 from phds.training import read_log, train
-from tests.training.conftest import ADDITION, fast_config
+from tests.training.conftest import ADDITION, fast_config, resumable_config
 
 STEPS = 8
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _config(out, resume: bool):
-    # resumable checkpoints at steps 3 and 6; validation (and so the best-model save) at steps 4 and 8
-    return fast_config(
-        out,
-        ks=[1, 2, 3, 4],
-        anchor_fraction=0.25,
-        max_steps=STEPS,
-        save_strategy="steps",
-        save_steps=3,
-        eval_steps=4,
-        resume_from_checkpoint="last" if resume else None,
-    )
+    return resumable_config(out, resume=resume, steps=STEPS)
 
 
 def _train_in_subprocess(out: Path, crash_at: str) -> subprocess.CompletedProcess:

@@ -8,7 +8,7 @@ from transformers import TrainerCallback
 
 import phds
 from phds.training import read_log, train
-from tests.training.conftest import fast_config
+from tests.training.conftest import fast_config, resumable_config
 
 STEPS = 8
 
@@ -25,16 +25,7 @@ class _Kill(TrainerCallback):
 
 
 def _config(out, resume: bool):
-    return fast_config(
-        out,
-        ks=[1, 2, 3, 4],
-        anchor_fraction=0.25,
-        max_steps=STEPS,
-        save_strategy="steps",
-        save_steps=3,
-        eval_steps=4,
-        resume_from_checkpoint="last" if resume else None,
-    )
+    return resumable_config(out, resume=resume, steps=STEPS)
 
 
 def test_a_killed_and_resumed_run_ends_with_the_same_k_history_and_weights(tmp_path, addition_rows):
