@@ -371,7 +371,8 @@ class Job:
 
 def _train_and_evaluate(spec, the_plan, out, base_dir, base_settings, stages, say, jobs, threads) -> None:
     work: list[Job] = []
-    data_settings = {"train": spec.data.train, "valid": spec.data.valid, "data": _data_digest(out)}
+    generated = _generated_data_settings(out)  # read once: every stage's settings include it
+    data_settings = {"train": spec.data.train, "valid": spec.data.valid, "data": generated}
     for run in the_plan.runs.values():
         for seed in spec.seeds:
             stage = f"runs/{run.name}/seed{seed}"
@@ -386,11 +387,13 @@ def _train_and_evaluate(spec, the_plan, out, base_dir, base_settings, stages, sa
             if not stages.done(stage, train_settings):
                 stages.start(stage, train_settings)  # note: resumes an interrupted attempt with the same settings
                 train = dict(stage=stage, settings=train_settings, base=base_dir, seed=seed, fields=run.fields)
-            evaluations = _pending_evaluations(spec, the_plan, stages, run.name, seed, train_settings, train)
+            evaluations = _pending_evaluations(
+                spec, the_plan, stages, run.name, seed, train_settings, train, generated
+            )
             stages.ran.extend(evaluation["stage"] for evaluation in evaluations)
             if train is not None or evaluations:
                 work.append(Job(f"{run.name} seed {seed}", train, evaluations))
-    base_evals = _pending_evaluations(spec, the_plan, stages, None, None, base_settings, None)
+    base_evals = _pending_evaluations(spec, the_plan, stages, None, None, base_settings, None, generated)
     stages.ran.extend(evaluation["stage"] for evaluation in base_evals)
     if base_evals:
         work.append(Job("base model", None, base_evals))
@@ -421,7 +424,7 @@ def _train_and_evaluate(spec, the_plan, out, base_dir, base_settings, stages, sa
             raise
 
 
-def _pending_evaluations(spec, the_plan, stages, run, seed, model_settings, train) -> list[dict[str, Any]]:
+def _pending_evaluations(spec, the_plan, stages, run, seed, model_settings, train, generated) -> list[dict[str, Any]]:
     pending = []
     for evaluation in the_plan.evaluations.values():
         if evaluation.run != run or evaluation.seed != seed:
@@ -432,7 +435,7 @@ def _pending_evaluations(spec, the_plan, stages, run, seed, model_settings, trai
             "ks": evaluation.ks,
             "tasks": evaluation.tasks,
             "evaluation": spec.evaluation,
-            "data": _data_digest(stages.out),
+            "data": generated,
         }
         if train is None and stages.done(stage, settings):
             continue
@@ -504,7 +507,7 @@ def _base_path(out: Path, spec: dict) -> str:
     return str(out / "base" / "model") if spec["pretrain"] is not None else spec["base_model"]
 
 
-def _data_digest(out: Path) -> str | None:
+def _generated_data_settings(out: Path) -> dict[str, Any] | None:
     """The generated data's settings (so a change of generated data invalidates what was trained on it)."""
     marker = out / "data" / "stage.json"
     return json.loads(marker.read_text())["settings"] if marker.is_file() else None

@@ -21,8 +21,6 @@ anything new; the base model is the same for every seed.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import sys
 from dataclasses import asdict, dataclass, field, fields
@@ -72,10 +70,6 @@ class Arm:
             raise ValueError(f"arm `anchor_fraction` must be in [0, 1], got {self.anchor_fraction}")
         if self.name is None:
             self.name = f"oracle-k{self.k}" if self.kind == "oracle" and self.k is not None else self.kind
-
-    @property
-    def trained(self) -> bool:
-        return self.kind != "base-dialled"
 
 
 @dataclass(kw_only=True)
@@ -215,21 +209,12 @@ class ExperimentSpec:
                     "give one replacement per task"
                 )
 
-    def arm(self, name: str) -> Arm:
-        return next(arm for arm in self.arms if arm.name == name)
-
     def margin_of(self, metric: str) -> float:
         """The declared margin of `metric` (0 where none was declared: then only "better" or "worse" can be told)."""
         return float(self.margin.get(metric, self.margin.get("*", 0.0)))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    def digest(self, *parts: str) -> str:
-        """A short hash of the named top-level parts of the spec (all of them without arguments)."""
-        data = self.to_dict()
-        chosen = {part: data[part] for part in parts} if parts else data
-        return hashlib.sha256(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, spec_dir: str | os.PathLike = ".", out_dir: str | os.PathLike = "."):
