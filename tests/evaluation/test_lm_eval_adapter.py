@@ -60,21 +60,35 @@ def _hand_scores(k: int) -> list[list[float]]:
     return [flat[sum(sizes[:i]) : sum(sizes[: i + 1])] for i in range(len(sizes))]
 
 
-def test_simple_evaluate_scores_at_the_requested_k(offline_setup):
+def _run_tiny_task(offline_setup, model, **kwargs) -> tuple[dict, list[dict]]:
+    """lm-eval's `simple_evaluate` on the tiny multiple-choice task (offline: only our include path is indexed);
+    returns its output and the logged samples in document order."""
     from lm_eval.tasks import TaskManager
 
     import phds.evaluation.lm_eval_adapter  # noqa: F401  (registers "phds")
 
     out = lm_eval.simple_evaluate(
-        model="phds",
-        model_args=f"pretrained={offline_setup / 'ckpt'},k=1,device=cpu,dtype=float32",
+        model=model,
         tasks=["phds_tiny_mc"],
         task_manager=TaskManager(include_path=str(offline_setup / "tasks"), include_defaults=False),
         log_samples=True,
+        **kwargs,
+    )
+    return out, sorted(out["samples"]["phds_tiny_mc"], key=lambda s: s["doc_id"])
+
+
+def _choice_scores(samples: list[dict]) -> list[list[float]]:
+    return [[resp[0] for resp in s["filtered_resps"]] for s in samples]
+
+
+def test_simple_evaluate_scores_at_the_requested_k(offline_setup):
+    out, samples = _run_tiny_task(
+        offline_setup,
+        "phds",
+        model_args=f"pretrained={offline_setup / 'ckpt'},k=1,device=cpu,dtype=float32",
         batch_size=2,
     )
-    samples = sorted(out["samples"]["phds_tiny_mc"], key=lambda s: s["doc_id"])
-    got = [[resp[0] for resp in s["filtered_resps"]] for s in samples]
+    got = _choice_scores(samples)
     at_1, at_4 = _hand_scores(1), _hand_scores(4)
     assert got == [pytest.approx(row, abs=1e-4) for row in at_1]
     assert got != [pytest.approx(row, abs=1e-6) for row in at_4]
@@ -131,8 +145,6 @@ def _bos_adding_tokenizer():
 
 @pytest.mark.parametrize("tokenizer", [phds.tiny_tokenizer, _bos_adding_tokenizer], ids=["no-bos", "adds-bos"])
 def test_phds_eval_and_lm_eval_give_the_same_loglikelihoods_and_accuracy(offline_setup, tmp_path, tokenizer):
-    from lm_eval.tasks import TaskManager
-
     from phds.evaluation.lm_eval_adapter import PHDSLM
 
     model, tok = phds.tiny_model("olmoe"), tokenizer()
@@ -140,16 +152,14 @@ def test_phds_eval_and_lm_eval_give_the_same_loglikelihoods_and_accuracy(offline
         model, [2], [offline_setup / "items.jsonl"], tokenizer=tok, out_dir=tmp_path, latency=False, progress=False
     )
     ours_rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
-    theirs = lm_eval.simple_evaluate(
-        model=PHDSLM(pretrained=model, tokenizer=tok, k=2, batch_size=1, dtype="float32"),
-        tasks=["phds_tiny_mc"],
-        task_manager=TaskManager(include_path=str(offline_setup / "tasks"), include_defaults=False),
-        log_samples=True,
+    theirs, samples = _run_tiny_task(
+        offline_setup, PHDSLM(pretrained=model, tokenizer=tok, k=2, batch_size=1, dtype="float32")
     )
-    samples = sorted(theirs["samples"]["phds_tiny_mc"], key=lambda s: s["doc_id"])
     assert len(samples) == len(ours_rows) == len(MC)
-    for row, sample in zip(sorted(ours_rows, key=lambda r: r["index"]), samples, strict=True):
-        assert row["logprobs"] == pytest.approx([resp[0] for resp in sample["filtered_resps"]], abs=1e-5)
+    for row, scores, sample in zip(
+        sorted(ours_rows, key=lambda r: r["index"]), _choice_scores(samples), samples, strict=True
+    ):
+        assert row["logprobs"] == pytest.approx(scores, abs=1e-5)
         assert float(row["prediction"] == row["gold"]) == sample["acc"]
     ours_acc = ours["tasks"]["items"]["items"]["2"]["acc"]
     assert sum(ours_acc) / len(ours_acc) == pytest.approx(theirs["results"]["phds_tiny_mc"]["acc,none"])
@@ -167,20 +177,8 @@ def test_generation_prompts_are_tokenised_as_lm_eval_generate_until_does(tiny, t
 
 
 def test_tiny_models_are_accepted_as_everywhere_else(offline_setup):
-    from lm_eval.tasks import TaskManager
-
-    import phds.evaluation.lm_eval_adapter  # noqa: F401  (registers "phds")
-
-    out = lm_eval.simple_evaluate(
-        model="phds",
-        model_args="pretrained=tiny:olmoe,k=1,device=cpu",
-        tasks=["phds_tiny_mc"],
-        task_manager=TaskManager(include_path=str(offline_setup / "tasks"), include_defaults=False),
-        log_samples=True,
-        batch_size=2,
-    )
-    samples = sorted(out["samples"]["phds_tiny_mc"], key=lambda s: s["doc_id"])
-    got = [[resp[0] for resp in s["filtered_resps"]] for s in samples]
+    _, samples = _run_tiny_task(offline_setup, "phds", model_args="pretrained=tiny:olmoe,k=1,device=cpu", batch_size=2)
+    got = _choice_scores(samples)
     assert got == [pytest.approx(row, abs=1e-4) for row in _hand_scores(1)]
 
 
