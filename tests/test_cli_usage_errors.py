@@ -35,3 +35,15 @@ def test_python_m_phds_cli_runs_the_commands():
     done = run("info", "tiny:olmoe")
     assert done.returncode == 0, done.stderr
     assert "k_pre" in done.stdout
+
+
+def test_user_errors_lets_typers_own_exits_and_usage_errors_through():
+    import typer
+
+    from phds.cli.common import user_errors
+
+    with pytest.raises(typer.Exit) as exited, user_errors():
+        raise typer.Exit(code=3)
+    assert exited.value.exit_code == 3
+    with pytest.raises(typer.BadParameter), user_errors():
+        raise typer.BadParameter("--k is empty")

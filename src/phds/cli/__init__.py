@@ -41,10 +41,6 @@ def _register_commands() -> None:
 _register_commands()
 
 
-# click's UsageError (typer vendors click in newer releases, so the class is found from the one typer exports)
-_USAGE_ERROR = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "UsageError")
-
-
 def main() -> None:
     """Entry point of the `phds` console script."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -52,12 +48,14 @@ def main() -> None:
     import datasets
     import transformers
 
+    from phds.cli.common import USAGE_ERROR
+
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     # A usage error (a missing argument, `--max-steps abc`) is one line like every other error, not click's box.
     try:
         code = app(standalone_mode=False)
-    except _USAGE_ERROR as error:
+    except USAGE_ERROR as error:
         message = error.format_message()
         if message:  # no message: `phds` alone, which has just printed its help
             command = error.ctx.command_path if error.ctx is not None else "phds"

@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import contextlib
+import shlex
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+# typer vendors click in recent releases, so `import click` may give other classes than the ones typer raises:
+# take them from the exception typer exports.
+CLICK_EXCEPTION = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException")
+USAGE_ERROR = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "UsageError")
+
+
+def command_line() -> str:
+    """The `phds ...` command being run, quoted so that it can be pasted back (recorded in results)."""
+    return "phds " + " ".join(shlex.quote(arg) for arg in sys.argv[1:])
 
 
 def parse_ks(text: str, option: str = "--k", minimum: int = 1) -> list[int]:
@@ -59,7 +71,7 @@ def user_errors() -> Iterator[None]:
     """
     try:
         yield
-    except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+    except (typer.Exit, typer.Abort, CLICK_EXCEPTION):  # typer's own ways out: exit codes and usage errors
         raise
     except (ValueError, TypeError, FileNotFoundError, ImportError) as error:
         if DEBUG:

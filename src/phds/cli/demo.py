@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from phds.cli import app
-from phds.cli.common import check_out_dir, console, parse_ks, user_errors
+from phds.cli.common import check_out_dir, command_line, console, parse_ks, user_errors
 
 
 @app.command()
@@ -20,14 +20,13 @@ def demo(
 ) -> None:
     """Pretrain a tiny 16-expert MoE, fine-tune PHDS, fixed-k oracles and an ordinary SFT at several seeds, evaluate
     every run at every k, judge PHDS run by run against each baseline, and write OUT/report.md."""
-    from phds.cli.experiment import _command_line
     from phds.demo import run_demo
 
     with user_errors():
         check_out_dir(out)
         chosen = parse_ks(seeds, "--seeds", minimum=0) if seeds else None
         result = run_demo(
-            out, quick=quick, seeds=chosen, jobs=jobs, force=force, say=console.print, command=_command_line()
+            out, quick=quick, seeds=chosen, jobs=jobs, force=force, say=console.print, command=command_line()
         )
     console.print(
         f"[green]done[/]: {len(result.stages_run)} stages run, {len(result.stages_reused)} reused; open {result.report}"

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 
 import typer
 
 from phds.cli import app
-from phds.cli.common import check_out_dir, console, parse_ks, user_errors
+from phds.cli.common import check_out_dir, command_line, console, parse_ks, user_errors
 
 
 @app.command()
@@ -30,12 +28,8 @@ def experiment(
         overrides = {"seeds": parse_ks(seeds, "--seeds", minimum=0)} if seeds else None
         loaded = load_spec(spec, out, overrides)
         result = run_experiment(
-            loaded, out, force=force, jobs=jobs, threads=threads, say=console.print, command=_command_line()
+            loaded, out, force=force, jobs=jobs, threads=threads, say=console.print, command=command_line()
         )
     console.print(
         f"[green]done[/]: {len(result.stages_run)} stages run, {len(result.stages_reused)} reused; open {result.report}"
     )
-
-
-def _command_line() -> str:
-    return "phds " + " ".join(shlex.quote(arg) for arg in sys.argv[1:])
