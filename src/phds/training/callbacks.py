@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState
 
-from phds import dial
+from phds import checkpoint, dial
 from phds.schedule import PHDSSchedule
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def truncate_log(path: str | Path, step: int) -> None:
         entry_step = entry.get("step", 0)
         if entry_step < step or (entry_step == step and entry.get("event") != "step"):
             kept.append(line + "\n")
-    staging = path.with_name(f".{path.name}.staging")
+    staging = checkpoint.staging_path(path)
     staging.write_text("".join(kept))
     os.replace(staging, path)
 

@@ -42,7 +42,7 @@ from phds.training.callbacks import (
 from phds.training.config import PHDSConfig
 from phds.training.data import DataSource, prepare_data
 from phds.training.saving import CHECKPOINTS, RUN_ENTRIES, CheckpointSaver, users_config
-from phds.training.trainer import STAGING_SUFFIX, PHDSTrainer
+from phds.training.trainer import PHDSTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def _resume_checkpoint(config: PHDSConfig, out: Path) -> str | None:
         if not checkpoints.is_dir():
             logger.warning("nothing to resume in %s: starting a fresh run", checkpoints)
             return None
-        for staging in checkpoints.glob(f".{PREFIX_CHECKPOINT_DIR}-*{STAGING_SUFFIX}"):
+        for staging in checkpoints.glob(checkpoint.staging_path(f"{PREFIX_CHECKPOINT_DIR}-*").name):
             shutil.rmtree(staging, ignore_errors=True)  # a resumable checkpoint killed while being written
         folders = sorted(
             (path for path in checkpoints.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if path.name.split("-")[-1].isdigit()),

@@ -24,15 +24,15 @@ from phds.training.callbacks import eval_loss_key
 logger = logging.getLogger(__name__)
 
 EXTRA_WEIGHTS = "phds_extra_trainable.safetensors"
-STAGING_SUFFIX = ".staging"  # `checkpoints/.checkpoint-N.staging/`: a resumable checkpoint being written
 
 
 def staging_run_dir(run_dir: str | os.PathLike, step: int) -> str:
-    """The folder a resumable checkpoint of `step` is written in before it is renamed to `run_dir/checkpoint-N`.
+    """The folder a resumable checkpoint of `step` is written in before it is renamed to `run_dir/checkpoint-N`
+    (named by `phds.checkpoint.staging_path`, the one staging rule).
 
     Example: `staging_run_dir("out/checkpoints", 6) == "out/checkpoints/.checkpoint-6.staging"`.
     """
-    return os.path.join(run_dir, f".{PREFIX_CHECKPOINT_DIR}-{step}{STAGING_SUFFIX}")
+    return str(checkpoint.staging_path(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")))
 
 
 def selection_score(losses: dict[int, float], *, select_by: str, k_select: int) -> float:
