@@ -113,3 +113,85 @@ def test_k_at_rejects_a_step_outside_the_run():
         schedule.k_at(10, 10)
     with pytest.raises(ValueError, match="total_steps"):
         schedule.k_at(0, 0)
+
+
+# ----------------------------------------------------------------------------- layer-wise sampling
+
+LAYERS = list(range(8))
+
+
+def test_ks_at_is_a_pure_function_of_seed_step_and_layer():
+    a = PHDSSchedule(ks=[2, 3, 4], seed=7, sampling="layer")
+    b = PHDSSchedule(ks=[4, 3, 2], seed=7, sampling="layer")
+    draws = [a.ks_at(s, 300, LAYERS) for s in range(300)]
+    assert draws == [b.ks_at(s, 300, LAYERS) for s in range(300)]
+    assert [a.ks_at(s, 300, LAYERS) for s in reversed(range(300))] == list(reversed(draws))
+    # a layer's k does not depend on which other layers are asked for, or in which order
+    assert all(a.ks_at(s, 300, [5, 1])[1] == draws[s][1] for s in range(300))
+    assert all(a.ks_at(s, 300, [3]) == {3: draws[s][3]} for s in range(300))
+    assert draws != [PHDSSchedule(ks=[2, 3, 4], seed=8).ks_at(s, 300, LAYERS) for s in range(300)]
+
+
+def test_layer_draws_are_independent_of_each_other_and_of_the_global_draw():
+    schedule = PHDSSchedule(ks=[2, 3, 4], anchor_fraction=0.0, seed=0, sampling="layer")
+    steps = 6000
+    draws = [schedule.ks_at(s, steps, LAYERS) for s in range(steps)]
+    global_ks = schedule.sequence(steps)
+    # independent uniform draws over 3 ks agree 1/3 of the time (a shared stream would agree always or never)
+    for layer in LAYERS[1:]:
+        agree = sum(d[0] == d[layer] for d in draws) / steps
+        assert abs(agree - 1 / 3) < 0.03, layer
+    for layer in LAYERS:
+        agree = sum(d[layer] == k for d, k in zip(draws, global_ks, strict=True)) / steps
+        assert abs(agree - 1 / 3) < 0.03, layer
+    # the steps of a layer are not all alike either: a layer changes k between steps
+    assert all(len({d[layer] for d in draws[:20]}) > 1 for layer in LAYERS)
+
+
+def test_every_layer_draws_from_the_given_weights():
+    schedule = PHDSSchedule(ks=[2, 4], weights=[1.0, 3.0], anchor_fraction=0.0, seed=1, sampling="layer")
+    steps = 10_000
+    counts = Counter()
+    for s in range(steps):
+        for layer, k in schedule.ks_at(s, steps, [0, 1, 2, 3]).items():
+            counts[(layer, k)] += 1
+    for layer in range(4):
+        assert abs(counts[(layer, 4)] / steps - 0.75) < 0.02, layer
+
+
+def test_the_anchor_ramp_brings_every_layer_to_the_anchor():
+    schedule = PHDSSchedule(ks=[2, 3, 4], anchor_k=3, anchor_fraction=0.5, seed=3, sampling="layer")
+    total = 4000
+    draws = [schedule.ks_at(s, total, LAYERS) for s in range(total)]
+    assert draws[-1] == {layer: 3 for layer in LAYERS}
+    for layer in LAYERS:
+        first_half = sum(d[layer] == 3 for d in draws[:2000]) / 2000
+        last_tenth = sum(d[layer] == 3 for d in draws[3600:]) / 400
+        assert abs(first_half - 1 / 3) < 0.04, layer
+        assert last_tenth > 0.88, layer  # expected about 1/3 + 2/3 * 0.9 = 0.93
+
+
+def test_dialled_at_is_the_global_k_or_the_per_layer_ks_by_sampling():
+    global_schedule = PHDSSchedule(ks=[1, 2, 3, 4], seed=2)
+    layer_schedule = PHDSSchedule(ks=[1, 2, 3, 4], seed=2, sampling="layer")
+    assert global_schedule.sampling == "global"
+    for step in range(20):
+        assert global_schedule.dialled_at(step, 20, [0, 1]) == global_schedule.k_at(step, 20)
+        assert layer_schedule.dialled_at(step, 20, [0, 1]) == layer_schedule.ks_at(step, 20, [0, 1])
+    assert PHDSSchedule.fixed(3).ks_at(5, 10, [0, 2]) == {0: 3, 2: 3}
+
+
+def test_sampling_round_trips_through_a_dict_and_old_dicts_read_as_global():
+    schedule = PHDSSchedule(ks=[2, 3, 4], seed=5, sampling="layer")
+    assert PHDSSchedule.from_dict(schedule.to_dict()) == schedule
+    old = {key: value for key, value in schedule.to_dict().items() if key != "sampling"}
+    assert PHDSSchedule.from_dict(old).sampling == "global"
+
+
+def test_bad_sampling_or_layers_raise_a_value_error_naming_them():
+    with pytest.raises(ValueError, match="`sampling`.*'token'"):
+        PHDSSchedule(ks=[2, 3], sampling="token")
+    schedule = PHDSSchedule(ks=[2, 3], sampling="layer")
+    for layers in ([], [-1], [0.5], [True]):
+        with pytest.raises(ValueError, match="`layers`"):
+            schedule.ks_at(0, 10, layers)

@@ -1,24 +1,31 @@
 """PHDSSchedule: which k (experts per token) each optimizer step trains at.
 
-One global k per optimizer step, drawn from the declared set `ks` with `weights`; in the last `anchor_fraction` of
-the steps a curriculum ramps the probability of `anchor_k` linearly from its mixture weight to 1. A fixed-k oracle
-is the same schedule with `ks=[k]`.
+One global k per optimizer step (`sampling="global"`, the paper), drawn from the declared set `ks` with `weights`;
+in the last `anchor_fraction` of the steps a curriculum ramps the probability of `anchor_k` linearly from its
+mixture weight to 1. A fixed-k oracle is the same schedule with `ks=[k]`. With `sampling="layer"` (Matryoshka-MoE,
+arXiv 2509.26520) every MoE layer draws its own k per step from the same distribution, so the last step puts every
+layer at the anchor.
 
-`k_at(step, total_steps)` is a pure function of its arguments (and the schedule's fields): every process of a
-distributed run, and a run resumed from a checkpoint, computes the same k for the same step without communicating.
-No torch here: the draw uses numpy's SeedSequence keyed by `(seed, step)`.
+`k_at(step, total_steps)` and `ks_at(step, total_steps, layers)` are pure functions of their arguments (and the
+schedule's fields): every process of a distributed run, and a run resumed from a checkpoint, computes the same k for
+the same step without communicating. No torch here: the global draw uses numpy's SeedSequence keyed by
+`(seed, step)`; layer `i`'s draw uses the child of that sequence with spawn key `(i,)`, which numpy makes
+independent of the parent's stream and of every other child's.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from phds.sidecar import check_ks
+
+SAMPLING = ("global", "layer")
 
 
 def default_ks(k_pre: int) -> list[int]:
@@ -41,7 +48,9 @@ class PHDSSchedule:
         weights: sampling weight of each k in `ks` (same order, normalised); None means uniform.
         anchor_k: the k the curriculum converges to; None means `min(ks)`.
         anchor_fraction: share of the last steps in the anchor phase; 0 turns the curriculum off.
-        seed: the draw of step `s` depends only on `(seed, s)`.
+        seed: the draw of step `s` depends only on `(seed, s)` (and the layer's index for `sampling="layer"`).
+        sampling: "global" draws one k per step for the whole model (`k_at`); "layer" draws one per MoE layer
+            (`ks_at`). `dialled_at` returns what a step dials in either case.
 
     Example: `PHDSSchedule(ks=[2, 3, 4], seed=0).k_at(10, 100)`.
     """
@@ -52,6 +61,7 @@ class PHDSSchedule:
     anchor_k: int | None = None
     anchor_fraction: float = 0.06
     seed: int = 0
+    sampling: str = "global"
 
     def __post_init__(self) -> None:
         if self.ks is None:
@@ -80,6 +90,8 @@ class PHDSSchedule:
             raise ValueError(f"`anchor_fraction` must be in [0, 1], got {self.anchor_fraction!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
             raise ValueError(f"`seed` must be a non-negative int, got {self.seed!r}")
+        if self.sampling not in SAMPLING:
+            raise ValueError(f"`sampling` must be one of {list(SAMPLING)}, got sampling={self.sampling!r}")
 
     @classmethod
     def fixed(cls, k: int, *, seed: int = 0) -> PHDSSchedule:
@@ -123,14 +135,44 @@ class PHDSSchedule:
         return [p_anchor if i == a else p * scale for i, p in enumerate(probs)]
 
     def k_at(self, step: int, total_steps: int) -> int:
-        """The k of optimizer step `step` (0-based) of a run of `total_steps` steps; a pure function.
+        """The global k of optimizer step `step` (0-based) of a run of `total_steps` steps; a pure function.
 
         Example: `PHDSSchedule(ks=[2, 3, 4], seed=1).k_at(0, 100)`.
         """
         probs = self.probabilities(step, total_steps)
         if self.is_fixed:
             return self.ks[0]
-        u = np.random.default_rng([int(self.seed), int(step)]).random()
+        return self._pick(np.random.default_rng([int(self.seed), int(step)]).random(), probs)
+
+    def ks_at(self, step: int, total_steps: int, layers: Iterable[int]) -> dict[int, int]:
+        """The k of every MoE layer (by index) at optimizer step `step` of `total_steps`: one independent draw per
+        layer from `probabilities(step, total_steps)`; a pure function of `(seed, step, layer)`.
+
+        Example: `PHDSSchedule(ks=[2, 3, 4], seed=1).ks_at(0, 100, [0, 1]) == {0: 4, 1: 3}`.
+        """
+        layers = list(layers)
+        if not layers or any(isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0 for i in layers):
+            raise ValueError(f"`layers` must be a non-empty list of MoE layer indices (ints >= 0), got {layers!r}")
+        probs = self.probabilities(step, total_steps)
+        if self.is_fixed:
+            return {int(i): self.ks[0] for i in layers}
+        return {int(i): self._pick(self._layer_rng(step, int(i)).random(), probs) for i in layers}
+
+    def dialled_at(self, step: int, total_steps: int, layers: Iterable[int]) -> int | dict[int, int]:
+        """What step `step` dials: `k_at` for `sampling="global"`, `ks_at` for `"layer"` (a `phds.set_k` k).
+
+        Example: `PHDSSchedule(ks=[2, 4], sampling="layer").dialled_at(1, 10, [0, 1]) == {0: 4, 1: 2}`.
+        """
+        if self.sampling == "layer":
+            return self.ks_at(step, total_steps, layers)
+        return self.k_at(step, total_steps)
+
+    def _layer_rng(self, step: int, layer: int) -> np.random.Generator:
+        # The child of the global draw's SeedSequence that `SeedSequence.spawn` would make for spawn key (layer,).
+        return np.random.default_rng(np.random.SeedSequence([int(self.seed), int(step)], spawn_key=(layer,)))
+
+    def _pick(self, u: float, probs: list[float]) -> int:
+        """The k whose cumulative-probability interval holds `u` (inverse CDF)."""
         cumulative = 0.0
         for k, p in zip(self.ks, probs, strict=True):
             cumulative += p
@@ -141,7 +183,7 @@ class PHDSSchedule:
         )  # u landed in round-off
 
     def sequence(self, total_steps: int) -> list[int]:
-        """The k of every step of a run: `[k_at(s, total_steps) for s in range(total_steps)]`.
+        """The global k of every step of a run: `[k_at(s, total_steps) for s in range(total_steps)]`.
 
         Example: `PHDSSchedule.fixed(2).sequence(3) == [2, 2, 2]`.
         """
