@@ -6,8 +6,9 @@ first use (`phds.train`, `phds.evaluate`, ...), so `import phds` stays light.
 
 import importlib
 
-from phds.dial import MoELayer, NotAnMoEError, get_k, moe_layers, set_k, sparsity
+from phds.dial import MoELayer, NotAnMoEError, active_experts, get_k, moe_layers, set_k, sparsity
 from phds.loading import load, register_experts_module, save
+from phds.policies import Skip, TopP
 from phds.schedule import PHDSSchedule
 from phds.sidecar import Sidecar, read_sidecar, write_sidecar
 from phds.tiny import tiny_config, tiny_model, tiny_tokenizer
@@ -48,6 +49,9 @@ __all__ = [
     "NotAnMoEError",
     "PHDSSchedule",
     "Sidecar",
+    "Skip",
+    "TopP",
+    "active_experts",
     "get_k",
     "load",
     "moe_layers",

@@ -9,7 +9,10 @@ How a k is applied:
   (renormalisation, scaling, the experts implementation) exactly as a model built with `num_experts_per_tok=k`;
 - a per-row `(B,)` or per-token `(B, S)` LongTensor, an epsilon for dropped experts, or a renormalisation
   override: the router runs at `k_max` and a forward hook drops, per token, the slots beyond that token's k
-  (`phds.routing.keep_top_slots`).
+  (`phds.routing.keep_top_slots`);
+- a routing policy (`phds.TopP`, `phds.Skip`): the router runs at the policy's `k_max` and the same hook computes
+  each token's k from the router's own probabilities and weights (`phds.policies`), and counts the experts it kept
+  (`active_experts`), padding excluded.
 
 The dial's state lives on the router modules (`_phds_*` attributes) and is restored by `sparsity()`.
 """
@@ -27,11 +30,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from phds.policies import Skip, TopP
 from phds.routing import expand_k_per_token, keep_top_slots
 
 logger = logging.getLogger(__name__)
 
-KSpec = int | Mapping[int, int] | torch.Tensor
+KSpec = int | Mapping[int, "int | TopP | Skip"] | torch.Tensor | TopP | Skip
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|block)\.(\d+)(?:\.|$)")
 
@@ -70,10 +74,10 @@ class MoELayer:
 
 @dataclass(frozen=True)
 class _Plan:
-    """What one router does: `k` experts per token (int or per-row/per-token tensor), dropped-slot epsilon,
-    and an optional renormalisation override (None follows the router)."""
+    """What one router does: `k` experts per token (int, per-row/per-token tensor, or a routing policy),
+    dropped-slot epsilon, and an optional renormalisation override (None follows the router)."""
 
-    k: int | torch.Tensor
+    k: int | torch.Tensor | TopP | Skip
     epsilon: float = 0.0
     renormalize: bool | None = None
 
@@ -191,7 +195,28 @@ def _register(router: nn.Module, num_experts: int) -> None:
     router._phds_positions = positions
     router._phds_renormalizes = renormalizes
     router._phds_plan = _Plan(k=router.top_k)
+    router._phds_kept = None  # (experts kept, tokens routed) under a policy, since it was set
     router.register_forward_hook(_drop_slots_hook)
+
+
+class _TokenMask:
+    """The 2-D attention mask of the model's current forward, read by the hook so that padding is not counted."""
+
+    mask: torch.Tensor | None = None
+
+
+def _capture_attention_mask(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    mask = kwargs.get("attention_mask")
+    model._phds_token_mask.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
+def _watch_attention_mask(model: nn.Module, routers: list[nn.Module]) -> None:
+    if not isinstance(getattr(model, "_phds_token_mask", None), _TokenMask):
+        model._phds_token_mask = _TokenMask()
+        model.register_forward_pre_hook(_capture_attention_mask, with_kwargs=True)
+    for router in routers:
+        if getattr(router, "_phds_token_mask_of", None) is None:
+            router._phds_token_mask_of = model._phds_token_mask
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:
@@ -244,6 +269,7 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
                 "module with an integer `top_k` next to stacked experts; this MoE family cannot be dialled"
             )
         raise NotAnMoEError(f"{type(model).__name__} has no MoE layers: nothing to dial")
+    _watch_attention_mask(model, [layer.router for layer in layers])
     return layers
 
 
@@ -267,22 +293,44 @@ def _drop_slots_hook(router: nn.Module, args: tuple, output: tuple) -> tuple | N
         return None
     logits_pos, weights_pos, indices_pos = router._phds_positions
     weights, indices = output[weights_pos], output[indices_pos]
-    num_tokens = indices.reshape(-1, indices.shape[-1]).shape[0]
-    if isinstance(plan.k, torch.Tensor):
+    weights_TK = weights.reshape(-1, weights.shape[-1])
+    selection_TK = _selection_score(router, output[logits_pos], indices)
+    num_tokens = weights_TK.shape[0]
+    if isinstance(plan.k, (TopP, Skip)):
+        k_T = _policy_counts(plan.k, output[logits_pos], indices, weights_TK, selection_TK)
+        _count_kept(router, k_T)
+    elif isinstance(plan.k, torch.Tensor):
         k_T = expand_k_per_token(plan.k.to(indices.device), num_tokens)
     else:
         k_T = torch.full((num_tokens,), plan.k, device=indices.device)
     renormalize = router._phds_renormalizes if plan.renormalize is None else plan.renormalize
-    new_weights = keep_top_slots(
-        weights.reshape(-1, weights.shape[-1]),
-        _selection_score(router, output[logits_pos], indices),
-        k_T,
-        renormalize=renormalize,
-        epsilon=plan.epsilon,
-    )
+    new_weights = keep_top_slots(weights_TK, selection_TK, k_T, renormalize=renormalize, epsilon=plan.epsilon)
     output = list(output)
     output[weights_pos] = new_weights.to(weights.dtype).reshape(weights.shape)
     return tuple(output)
+
+
+def _policy_counts(policy, logits, indices, weights_TK, selection_TK) -> torch.Tensor:
+    """Each token's k under `policy`, from the router's probabilities and weights in the router's rank order."""
+    logits_TE = logits.reshape(-1, logits.shape[-1]).float()
+    probs_TK = logits_TE.softmax(dim=-1).gather(-1, indices.reshape(-1, indices.shape[-1]))
+    order_TK = selection_TK.argsort(dim=-1, descending=True, stable=True)
+    return policy.counts(probs_TK.gather(-1, order_TK), weights_TK.float().gather(-1, order_TK))
+
+
+def _count_kept(router: nn.Module, k_T: torch.Tensor) -> None:
+    """Add this forward's kept experts and routed tokens (padding excluded when the mask is known)."""
+    valid_T = torch.ones_like(k_T)
+    holder = getattr(router, "_phds_token_mask_of", None)
+    mask = holder.mask if holder is not None else None
+    if mask is not None and k_T.numel() % mask.shape[0] == 0:
+        new_positions = k_T.numel() // mask.shape[0]
+        if new_positions <= mask.shape[1]:
+            valid_T = mask[:, -new_positions:].reshape(-1).to(k_T.device, k_T.dtype)
+    kept, tokens = (k_T * valid_T).sum(), valid_T.sum()
+    if router._phds_kept is not None:
+        kept, tokens = kept + router._phds_kept[0], tokens + router._phds_kept[1]
+    router._phds_kept = (kept.detach(), tokens.detach())
 
 
 def _is_native(plan: _Plan, renormalizes: bool) -> bool:
@@ -294,11 +342,18 @@ def _is_native(plan: _Plan, renormalizes: bool) -> bool:
     )
 
 
+def _k_max(k: int | torch.Tensor | TopP | Skip, k_pre: int) -> int:
+    """The most experts any token can use under `k` (a policy's `k_max` defaults to the layer's k_pre)."""
+    if isinstance(k, (TopP, Skip)):
+        return k.k_max if k.k_max is not None else k_pre
+    return int(k.max()) if isinstance(k, torch.Tensor) else k
+
+
 def _routed_k(plan: _Plan, k_pre: int, renormalizes: bool) -> int:
     """How many slots the router itself must pick for the hook to carve `plan` out of them."""
     if _is_native(plan, renormalizes):
         return plan.k
-    k_max = int(plan.k.max()) if isinstance(plan.k, torch.Tensor) else plan.k
+    k_max = _k_max(plan.k, k_pre)
     if plan.epsilon or plan.renormalize is not None:
         return max(k_max, k_pre)  # dropped experts keep an epsilon weight / the k_pre mass: route at k_pre
     return k_max
@@ -335,6 +390,19 @@ def _check_tensor(k: torch.Tensor, layers: list[MoELayer]) -> torch.Tensor:
     return k.to(torch.long)
 
 
+def _check_policy(policy: TopP | Skip, what: str, layers: list[MoELayer]) -> TopP | Skip:
+    max_experts = min(layer.num_experts for layer in layers)
+    if policy.k_max is not None and policy.k_max > max_experts:
+        raise ValueError(
+            f"`k_max` of a routing policy must be at most the number of experts ({max_experts}), got {what}={policy}"
+        )
+    return policy
+
+
+def _check_value(k: object, what: str, layers: list[MoELayer]) -> int | TopP | Skip:
+    return _check_policy(k, what, layers) if isinstance(k, (TopP, Skip)) else _check_int(k, what, layers)
+
+
 def _plans_for(layers: list[MoELayer], k: KSpec, epsilon: float, renormalize: bool | None) -> dict[int, _Plan]:
     """Validate `k` completely and return the new plan of every layer; touches nothing."""
     if not isinstance(epsilon, (int, float)) or isinstance(epsilon, bool) or not 0.0 <= epsilon < 1.0:
@@ -357,10 +425,10 @@ def _plans_for(layers: list[MoELayer], k: KSpec, epsilon: float, renormalize: bo
                 raise ValueError(
                     f"layer {layer.index} has a per-row/per-token k; give every layer an int k when switching to a dict"
                 )
-            value = _check_int(k[layer.index], f"k[{layer.index}]", [layer]) if layer.index in k else old.k
+            value = _check_value(k[layer.index], f"k[{layer.index}]", [layer]) if layer.index in k else old.k
             plans[id(layer.router)] = _Plan(value, float(epsilon), renormalize)
         return plans
-    value = _check_int(k, "k", layers)
+    value = _check_value(k, "k", layers)
     return {id(layer.router): _Plan(value, float(epsilon), renormalize) for layer in layers}
 
 
@@ -371,7 +439,8 @@ def _apply(model: nn.Module, layers: list[MoELayer], plans: dict[int, _Plan]) ->
     for layer in layers:
         plan = plans[id(layer.router)]
         layer.router._phds_plan = plan
-        layer.router.top_k = _routed_k(plan, layer.k_pre, layer.renormalizes)
+        layer.router._phds_kept = None
+        layer.router.top_k = min(_routed_k(plan, layer.k_pre, layer.renormalizes), layer.num_experts)
         if isinstance(getattr(layer.block, "top_k", None), int):
             layer.block.top_k = layer.router.top_k  # Mixtral's block keeps a copy
     _sync_config(model, layers)
@@ -400,8 +469,9 @@ def set_k(model: nn.Module, k: KSpec, *, epsilon: float = 0.0, renormalize: bool
 
     Args:
         model: a loaded transformers MoE model.
-        k: an int (same k in every MoE layer), a dict `{layer_index: int}` (per layer; layers not named keep
-            their k), or a LongTensor `(batch,)` (k per row) / `(batch, seq)` (k per token).
+        k: an int (same k in every MoE layer), a routing policy (`phds.TopP(tau)`, `phds.Skip(beta)`: a k per
+            token from the router's own scores), a dict `{layer_index: int or policy}` (per layer; layers not named
+            keep their k), or a LongTensor `(batch,)` (k per row) / `(batch, seq)` (k per token).
         epsilon: weight for dropped experts instead of 0 (they are then computed, as the paper's faithful
             reproduction does); 0 drops them.
         renormalize: override whether the kept top-k weights are rescaled to the full top-k mass; None follows the
@@ -422,8 +492,7 @@ def _warn_above_k_pre(model: nn.Module, layers: list[MoELayer], plans: dict[int,
     if getattr(model, "_phds_warned_above_k_pre", False):
         return
     for layer in layers:
-        plan_k = plans[id(layer.router)].k
-        k_max = int(plan_k.max()) if isinstance(plan_k, torch.Tensor) else plan_k
+        k_max = _k_max(plans[id(layer.router)].k, layer.k_pre)
         if k_max > layer.k_pre:
             warnings.warn(
                 f"k={k_max} is above the pretrained k_pre={layer.k_pre}: a valid operating point, but the model was "
@@ -435,9 +504,9 @@ def _warn_above_k_pre(model: nn.Module, layers: list[MoELayer], plans: dict[int,
             return
 
 
-def get_k(model: nn.Module) -> int | dict[int, int] | torch.Tensor:
-    """The current k: an int when every layer uses the same k, a `{layer_index: k}` dict when they differ, the
-    tensor when a per-row/per-token k is set.
+def get_k(model: nn.Module) -> int | TopP | Skip | dict | torch.Tensor:
+    """The current k: an int (or policy) when every layer uses the same, a `{layer_index: k}` dict when they differ,
+    the tensor when a per-row/per-token k is set.
 
     Example: `phds.get_k(model)  # -> 8 on a freshly loaded OLMoE`.
     """
@@ -449,6 +518,37 @@ def get_k(model: nn.Module) -> int | dict[int, int] | torch.Tensor:
     ks = {layer.index: plan.k for layer, plan in zip(layers, plans, strict=True)}
     values = set(ks.values())
     return values.pop() if len(values) == 1 else ks
+
+
+def active_experts(model: nn.Module) -> dict[int, float | None]:
+    """Mean routed experts per token of each MoE layer, `{layer_index: mean}`.
+
+    Under a routing policy it is measured: the experts the policy kept, over every token routed since the policy
+    was set (padding excluded when the forward had an `attention_mask`); None for a layer that has routed no token
+    yet. Under an int k it is that k; under a per-row / per-token tensor, the mean of the tensor.
+
+    Example: `phds.set_k(model, phds.TopP(0.7)); model(**batch); phds.active_experts(model)  # {0: 2.3, 1: 3.1}`.
+    """
+    means: dict[int, float | None] = {}
+    for layer in moe_layers(model):
+        plan = layer.router._phds_plan
+        if isinstance(plan.k, (TopP, Skip)):
+            kept = layer.router._phds_kept
+            means[layer.index] = float(kept[0] / kept[1]) if kept is not None and float(kept[1]) > 0 else None
+        elif isinstance(plan.k, torch.Tensor):
+            means[layer.index] = float(plan.k.float().mean())
+        else:
+            means[layer.index] = float(plan.k)
+    return means
+
+
+def mean_active_experts(model: nn.Module) -> float | None:
+    """`active_experts` averaged over the MoE layers; None while a policy layer has routed no token.
+
+    Example: `phds.dial.mean_active_experts(model)  # 2.7`.
+    """
+    means = list(active_experts(model).values())
+    return None if any(m is None for m in means) else sum(means) / len(means)
 
 
 @contextlib.contextmanager
