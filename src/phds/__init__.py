@@ -31,6 +31,7 @@ _LAZY = {
     "DemoConfig": "phds.demo",
     "run_demo": "phds.demo",
     "make_demo_data": "phds.demo_data",
+    "calibrate": "phds.calibration",
 }
 
 
