@@ -125,78 +125,250 @@ def _unwrap_adapters(module: nn.Module) -> nn.Module:
     return module
 
 
-def _output_positions(router: nn.Module, num_experts: int) -> tuple[int, int, int]:
-    """Positions of (logits, weights, indices) in the router's output tuple, read off one probe forward."""
-    weight = _router_weight(router)
-    probe = torch.randn(4, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
-    saved = router.top_k
-    # Probe at k=1 so the top-k outputs cannot be mistaken for the per-expert logits (when k_pre == num_experts).
-    router.top_k = 1
+@dataclass(frozen=True)
+class _Layout:
+    """Where a router's output carries its routing, read off probe forwards (see `_read_layout`).
+
+    kind: "top_k" -- (logits (T, E), weights (T, K), indices (T, K)) in some order (most families);
+        "dense" -- (weights (T, E), logits (T, E)): a weight per expert, 0 for experts not chosen (Llama 4);
+        "sorted" -- (slot order, token of each entry, weights, entries per expert, logits): the T*K chosen slots
+        sorted by expert, flat (JetMoE).
+    positions: index in the output tuple of each part, in the order just listed.
+    width: the number of slots a router picks whatever its `top_k` says (PhiMoE's sparsemixer: 2); None when the
+        router follows `top_k`.
+    slot_by_slot: the fixed-width router picks slot by slot, so slots beyond its width continue the same rule
+        (`_pick_slot_by_slot`, checked against the router's own slots at registration).
+    extra_args: names of the tensors the router is handed after the hidden states, taken from its block of the
+        same name (AFMoE's `expert_bias`).
+    """
+
+    kind: str
+    positions: tuple[int, ...]
+    width: int | None = None
+    slot_by_slot: bool = False
+    extra_args: tuple[str, ...] = ()
+
+
+def _router_inputs(router: nn.Module, block: nn.Module | None) -> tuple[str, ...]:
+    """Required arguments of the router's forward after the hidden states: tensors its block holds by that name."""
+    try:
+        parameters = list(inspect.signature(router.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return ()
+    names = tuple(
+        p.name
+        for p in parameters
+        if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    )
+    missing = [name for name in names if not isinstance(getattr(block, name, None), torch.Tensor)]
+    if missing:
+        raise NotAnMoEError(
+            f"router {type(router).__name__} takes {missing} besides hidden states, which its block does not hold; "
+            "this MoE family cannot be dialled"
+        )
+    return names
+
+
+def _call_router(router: nn.Module, block: nn.Module | None, hidden_TD: torch.Tensor, extra_args: tuple[str, ...]):
+    """One probe forward in eval mode (no sampling, no jitter): on (T, D) hidden states, else on (1, T, D)."""
+    extra = [getattr(block, name) for name in extra_args]
+    was_training = router.training
+    router.train(False)
     try:
         with torch.no_grad():
-            out = router(probe)
-    except Exception as error:  # a router that needs more than hidden states (AFMoE's expert_bias, ...)
-        raise NotAnMoEError(
-            f"router {type(router).__name__} cannot be called on hidden states alone ({error}); "
-            "this MoE family cannot be dialled"
-        ) from error
+            try:
+                return router(hidden_TD, *extra)
+            except Exception:  # a router that reads (batch, seq, hidden) (AFMoE)
+                return router(hidden_TD.unsqueeze(0), *extra)
     finally:
-        router.top_k = saved
-    if not isinstance(out, tuple):
-        raise NotAnMoEError(
-            f"router {type(router).__name__} returns {type(out).__name__}, not a (logits, weights, indices) tuple; "
-            "this MoE family cannot be dialled"
-        )
-    tensors = [(i, t) for i, t in enumerate(out) if isinstance(t, torch.Tensor)]
-    indices = [i for i, t in tensors if not t.is_floating_point() and t.shape[-1] == 1]
-    logits = [i for i, t in tensors if t.is_floating_point() and t.shape[-1] == num_experts]
-    weights = [
-        i
-        for i, t in tensors
-        if t.is_floating_point() and i not in logits and indices and t.shape == out[indices[0]].shape
-    ]
-    if not (indices and logits and weights):
-        raise NotAnMoEError(
-            f"router {type(router).__name__} does not return router logits, top-k weights and top-k indices; "
-            "this MoE family cannot be dialled"
-        )
-    return logits[0], weights[0], indices[0]
+        router.train(was_training)
 
 
-def _probe_renormalizes(router: nn.Module, weights_pos: int) -> bool:
-    """Does the router give its top-k weights a fixed sum? Asked of the router itself at k=1 and k=2."""
+def _probe(router: nn.Module, block: nn.Module | None, num_experts: int) -> tuple[_Layout, bool]:
+    """The router's output layout and whether it renormalises its top-k weights, asked of the router itself at
+    `top_k` 1 and 2 on random hidden states."""
+    name = type(router).__name__
+    extra_args = _router_inputs(router, block)
     weight = _router_weight(router)
-    probe = torch.randn(32, weight.shape[1], generator=torch.Generator().manual_seed(1)).to(
+    hidden_TD = torch.randn(32, weight.shape[1], generator=torch.Generator().manual_seed(1)).to(
         weight.device, weight.dtype
     )
     saved = router.top_k
-    sums = []
+    outputs = []
     try:
-        with torch.no_grad():
-            for k in (1, 2):
-                router.top_k = k
-                sums.append(router(probe)[weights_pos].float().sum(-1))
+        for k in (1, min(2, num_experts)):
+            router.top_k = k
+            outputs.append(_call_router(router, block, hidden_TD, extra_args))
+    except NotAnMoEError:
+        raise
+    except Exception as error:
+        raise NotAnMoEError(
+            f"router {name} cannot be called on hidden states ({error}); this MoE family cannot be dialled"
+        ) from error
     finally:
         router.top_k = saved
+    if not all(isinstance(out, tuple) for out in outputs):
+        raise NotAnMoEError(
+            f"router {name} returns {type(outputs[0]).__name__}, not a tuple of routing tensors; "
+            "this MoE family cannot be dialled"
+        )
+    layout = _read_layout(outputs, hidden_TD.shape[0], num_experts)
+    if layout is None:
+        raise NotAnMoEError(
+            f"router {name} does not return router logits with top-k weights and indices (or a weight per expert, or "
+            "the chosen slots sorted by expert); this MoE family cannot be dialled"
+        )
+    layout = dataclasses.replace(layout, extra_args=extra_args)
+    views = [_read_routing(layout, out, k) for out, k in zip(outputs, (1, 2), strict=False)]
+    if layout.width is not None:
+        logits, weights_TK, indices_TK = views[0]
+        empty = indices_TK[:, :0]
+        picked = _pick_slot_by_slot(logits, weights_TK[:, :0], empty, layout.width, _slot_threshold(router))
+        same = torch.equal(picked[1], indices_TK) and torch.allclose(picked[0], weights_TK, rtol=1e-5, atol=1e-6)
+        layout = dataclasses.replace(layout, slot_by_slot=same)
+    sums = [weights_TK.float().sum(-1) for _, weights_TK, _ in views]
     first = sums[0][0]
-    return all(torch.allclose(s, first.expand_as(s), rtol=1e-4, atol=1e-5) for s in sums)
+    renormalizes = all(torch.allclose(s, first.expand_as(s), rtol=1e-4, atol=1e-5) for s in sums)
+    return layout, renormalizes
 
 
-def _register(router: nn.Module, num_experts: int) -> None:
+def _read_layout(outputs: list[tuple], num_tokens: int, num_experts: int) -> _Layout | None:
+    """Recognise the layout from what the router returned at top_k 1 and 2 (see `_Layout`)."""
+    out1, out2 = outputs[0], outputs[-1]
+
+    def floats(out, numel):
+        return [i for i, t in enumerate(out) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() == numel]
+
+    def ints(out):
+        return [i for i, t in enumerate(out) if isinstance(t, torch.Tensor) and not t.is_floating_point()]
+
+    per_expert = [i for i in floats(out1, num_tokens * num_experts) if out1[i].shape[-1] == num_experts]
+    # top_k: integer (T, K) indices beside float weights of the same shape and (T, E) logits.
+    for i in ints(out1):
+        indices = out1[i]
+        if indices.dim() < 2 or indices.numel() // indices.shape[-1] != num_tokens:
+            continue
+        weights = [w for w in floats(out1, indices.numel()) if out1[w].shape == indices.shape and w not in per_expert]
+        if weights and per_expert:
+            width1, width2 = indices.shape[-1], out2[i].shape[-1]
+            width = None if (width1, width2) == (1, len(outputs)) else width1 if width1 == width2 else -1
+            if width == -1:
+                return None
+            return _Layout("top_k", (per_expert[0], weights[0], i), width=width)
+    # dense: two (T, E) float tensors, one of them non-zero at exactly top_k experts per token.
+    if len(per_expert) >= 2 and not ints(out1):
+        for w in per_expert:
+            nonzero = [(out[w].reshape(num_tokens, -1) != 0).sum(-1) for out in outputs]
+            if all(bool((n == k).all()) for n, k in zip(nonzero, (1, 2), strict=False)):
+                logits = next(i for i in per_expert if i != w)
+                return _Layout("dense", (w, logits))
+    # sorted: at top_k 2, a permutation of the 2T slots, the token of each entry, 2T weights, entries per expert.
+    k = len(outputs)
+    long_1d = [i for i in ints(out2) if out2[i].dim() == 1 and out2[i].numel() == num_tokens * k]
+    order = [i for i in long_1d if torch.equal(out2[i].sort().values.cpu(), torch.arange(num_tokens * k))]
+    per_expert2 = [i for i in floats(out2, num_tokens * num_experts) if out2[i].shape[-1] == num_experts]
+    for o in order:
+        tokens = [i for i in long_1d if i != o and torch.equal(out2[i], out2[o] // k)]
+        gates = [i for i in floats(out2, num_tokens * k) if out2[i].dim() == 1]
+        sizes = [
+            i
+            for i, s in enumerate(out2)
+            if isinstance(s, (list, tuple, torch.Tensor)) and len(s) == num_experts and sum(int(n) for n in s) == k * num_tokens
+        ]
+        if tokens and gates and sizes and per_expert2:
+            return _Layout("sorted", (o, tokens[0], gates[0], sizes[0], per_expert2[0]))
+    return None
+
+
+def _read_routing(layout: _Layout, output: tuple, k: int | None = None):
+    """(logits (T, E), weights (T, K), indices (T, K)) from a router's output, whatever its layout."""
+    if layout.kind == "top_k":
+        logits_pos, weights_pos, indices_pos = layout.positions
+        weights, indices = output[weights_pos], output[indices_pos]
+        logits = output[logits_pos]
+        return (
+            logits.reshape(-1, logits.shape[-1]),
+            weights.reshape(-1, weights.shape[-1]),
+            indices.reshape(-1, indices.shape[-1]),
+        )
+    if layout.kind == "dense":
+        weights_pos, logits_pos = layout.positions
+        weights_TE = output[weights_pos].reshape(-1, output[weights_pos].shape[-1])
+        logits_TE = output[logits_pos].reshape(-1, output[logits_pos].shape[-1])
+        k = int((weights_TE[:1] != 0).sum()) if k is None else k
+        indices_TK = logits_TE.topk(k, dim=-1).indices  # the experts given a weight are the top-k logits
+        return logits_TE, weights_TE.gather(-1, indices_TK), indices_TK
+    order_pos, _, gates_pos, sizes_pos, logits_pos = layout.positions
+    logits_TE = output[logits_pos].reshape(-1, output[logits_pos].shape[-1])
+    order, gates = output[order_pos], output[gates_pos]
+    num_tokens, num_experts = logits_TE.shape
+    sizes = torch.as_tensor([int(n) for n in output[sizes_pos]], device=order.device)
+    expert_of_entry = torch.arange(num_experts, device=order.device).repeat_interleave(sizes)
+    weights_TK = gates.new_zeros(gates.shape[0]).index_copy(0, order, gates).reshape(num_tokens, -1)
+    indices_TK = order.new_zeros(order.shape[0]).index_copy(0, order, expert_of_entry).reshape(num_tokens, -1)
+    return logits_TE, weights_TK, indices_TK
+
+
+def _write_routing(layout: _Layout, output: tuple, weights_TK: torch.Tensor, indices_TK: torch.Tensor) -> tuple:
+    """The router's output with its weights (and, for a continued fixed-width router, its slots) replaced."""
+    output = list(output)
+    if layout.kind == "top_k":
+        _, weights_pos, indices_pos = layout.positions
+        old_weights, old_indices = output[weights_pos], output[indices_pos]
+        shape = (*old_weights.shape[:-1], weights_TK.shape[-1])
+        output[weights_pos] = weights_TK.to(old_weights.dtype).reshape(shape)
+        output[indices_pos] = indices_TK.to(old_indices.dtype).reshape(shape)
+    elif layout.kind == "dense":
+        weights_pos, _ = layout.positions
+        old = output[weights_pos]
+        dense_TE = old.reshape(-1, old.shape[-1]).new_zeros(indices_TK.shape[0], old.shape[-1])
+        output[weights_pos] = dense_TE.scatter(-1, indices_TK, weights_TK.to(old.dtype)).reshape(old.shape)
+    else:
+        order_pos, _, gates_pos, _, _ = layout.positions
+        old = output[gates_pos]
+        output[gates_pos] = weights_TK.to(old.dtype).reshape(-1)[output[order_pos]]
+    return tuple(output)
+
+
+def _slot_threshold(router: nn.Module) -> float:
+    """How close (relative) to the best remaining logit an expert must be to share a slot's softmax: PhiMoE's
+    sparsemixer calls it `router_jitter_noise` (and compares against twice it); 0 without one."""
+    return float(getattr(router, "router_jitter_noise", 0.0) or 0.0)
+
+
+def _pick_slot_by_slot(
+    logits_TE: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor, k: int, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Extend the chosen slots to `k`, one slot at a time (PhiMoE's sparsemixer rule, continued): the next slot is
+    the best expert not chosen yet, weighted by the softmax, over the experts not chosen yet whose logit is within
+    a relative `2 * threshold` of it, taken at that expert."""
+    weights, indices = [weights_TK], [indices_TK]
+    taken_TE = torch.zeros_like(logits_TE, dtype=torch.bool).scatter(-1, indices_TK, True)
+    for _ in range(indices_TK.shape[-1], k):
+        remaining_TE = logits_TE.masked_fill(taken_TE, float("-inf"))
+        best_T1, index_T1 = remaining_TE.max(dim=-1, keepdim=True)
+        with torch.no_grad():
+            far_TE = (best_T1 - logits_TE) / logits_TE.abs().clamp(min=best_T1) > 2 * threshold
+        gates_TE = remaining_TE.masked_fill(far_TE, float("-inf")).softmax(dim=-1)
+        weights.append(gates_TE.gather(-1, index_T1).to(weights_TK.dtype))
+        indices.append(index_T1)
+        taken_TE = taken_TE.scatter(-1, index_T1, True)
+    return torch.cat(weights, dim=-1), torch.cat(indices, dim=-1)
+
+
+def _register(router: nn.Module, num_experts: int, block: nn.Module | None) -> None:
     """First touch of a router: remember its pretrained k, its output layout and install the (idle) hook."""
     if getattr(router, "_phds_k_pre", None) is not None:
         return
-    positions = _output_positions(router, num_experts)
+    layout, renormalizes = _probe(router, block, num_experts)
     if hasattr(router, "norm_topk_prob"):
         renormalizes = bool(router.norm_topk_prob)
-    else:
-        renormalizes = _probe_renormalizes(router, positions[1])
-    router._phds_k_pre = router.top_k
-    router._phds_positions = positions
+    router._phds_k_pre = layout.width or router.top_k
+    router._phds_layout = layout
     router._phds_renormalizes = renormalizes
-    router._phds_plan = _Plan(k=router.top_k)
+    router._phds_plan = _Plan(k=router._phds_k_pre)
     router._phds_kept = None  # (experts kept, tokens routed) under a policy, since it was set
-    router.register_forward_hook(_drop_slots_hook)
+    router.register_forward_hook(_drop_slots_hook, with_kwargs=True)
 
 
 class _TokenMask:
@@ -584,21 +756,27 @@ def num_experts(model: nn.Module) -> int:
     return min(layer.num_experts for layer in moe_layers(model))
 
 
-def active_parameters(model: nn.Module, k: int) -> int:
+def active_parameters(model: nn.Module, k: float | Mapping[int, float]) -> float:
     """Parameters one token touches at `k`: everything except the routed experts it does not use.
+
+    Args:
+        k: experts per token in every MoE layer, or `{layer_index: mean experts per token}` (a per-layer dial or a
+            policy's measured `active_experts`); an int k gives an int count.
 
     Example: `phds.dial.active_parameters(model, 2)`.
     """
     layers = moe_layers(model)
     total = sum(p.numel() for p in model.parameters())
-    inactive = 0
+    inactive = 0.0
     for layer in layers:
         per_expert = sum(p.numel() for p in layer.experts.parameters()) // layer.num_experts
-        inactive += per_expert * (layer.num_experts - min(k, layer.num_experts))
+        layer_k = k[layer.index] if isinstance(k, Mapping) else k
+        inactive += per_expert * (layer.num_experts - min(layer_k, layer.num_experts))
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = head is not None and embeddings is not None and head.weight is embeddings.weight
     if embeddings is not None and not tied:
         # A token reads one row of the input embedding, not the whole table.
         inactive += embeddings.weight.numel() - embeddings.weight.shape[1]
-    return total - inactive
+    active = total - inactive
+    return int(active) if float(active).is_integer() and not isinstance(k, Mapping) else active
