@@ -1,6 +1,6 @@
-"""Every option of `phds train`, `serve`, `bench`, `eval`, `sweep` and `compare` is a field of the config (or a
-parameter of the function) the command calls, with the same default: the CLI's defaults cannot drift from the
-Python API's.
+"""Every option of `phds train`, `serve`, `bench`, `eval`, `sweep`, `compare` and `allocate` is a field of the
+config (or a parameter of the function) the command calls, with the same default: the CLI's defaults cannot drift
+from the Python API's.
 
 An option whose name differs from its field, or whose value is converted on the way (a 'k list' string, a flag
 that negates its field), is listed below with the conversion; nothing else may differ.
@@ -14,6 +14,7 @@ import inspect
 import pytest
 import typer
 
+from phds.allocation import allocate
 from phds.bench import BenchConfig
 from phds.cli import app
 from phds.cli.common import parse_ks
@@ -91,6 +92,7 @@ CASES = {
     "eval": (lambda: _parameters(evaluate), EVAL_RENAMES),
     "sweep": (lambda: _parameters(sweep, evaluate), EVAL_RENAMES),
     "compare": (lambda: _parameters(compare), {"out": ("out_dir", _same)}),
+    "allocate": (lambda: _parameters(allocate), {"out": (None, _same)}),  # --out: where the allocation is written
 }
 
 

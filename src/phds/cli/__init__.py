@@ -30,7 +30,7 @@ def _root(
 
 # Each module registers its command(s) on `app` when imported. They import training, evaluation, serving and the
 # benchmark harness inside the command, so `phds --help` does not wait for TRL or FastAPI to load.
-COMMAND_MODULES = ("info", "train", "evaluate", "bench", "serve", "export", "demo", "experiment")
+COMMAND_MODULES = ("info", "train", "evaluate", "bench", "serve", "export", "demo", "experiment", "allocate")
 
 
 def _register_commands() -> None:
