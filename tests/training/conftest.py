@@ -34,10 +34,9 @@ def fast_config(output_dir, **overrides) -> PHDSConfig:
     return PHDSConfig(**values)
 
 
-def resumable_config(output_dir, *, resume: bool, steps: int = 8) -> PHDSConfig:
+def resumable_config(output_dir, *, resume: bool, steps: int = 8, **overrides) -> PHDSConfig:
     """A PHDS run over ks 1-4 with resumable checkpoints every 3 steps and validation (so a best-model save) every 4."""
-    return fast_config(
-        output_dir,
+    values = dict(
         ks=[1, 2, 3, 4],
         anchor_fraction=0.25,
         max_steps=steps,
@@ -46,6 +45,7 @@ def resumable_config(output_dir, *, resume: bool, steps: int = 8) -> PHDSConfig:
         eval_steps=4,
         resume_from_checkpoint="last" if resume else None,
     )
+    return fast_config(output_dir, **{**values, **overrides})
 
 
 @pytest.fixture

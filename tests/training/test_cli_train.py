@@ -97,6 +97,19 @@ def test_phds_train_fixed_k_runs_an_oracle(tmp_path, data_file):
     assert sidecar.made_by["data"]["eval"] == str(data_file) and sidecar.made_by["data"]["eval_rows"] == 64
 
 
+@pytest.mark.slow
+def test_phds_train_k_sampling_layer_trains_a_k_per_layer_and_says_so_in_the_sidecar(tmp_path, data_file):
+    out = tmp_path / "layer"
+    columns = ["--prompt-column", "question", "--completion-column", "answer"]
+    args = ["train", "tiny:olmoe", "--data", str(data_file), "--k", "1-4", "--k-sampling", "layer", "--out", str(out)]
+    result = runner.invoke(app, [*args, *columns, *FAST])
+    assert result.exit_code == 0, result.output
+    made_by = phds.read_sidecar(out).made_by
+    assert made_by["k_sampling"] == "layer" and made_by["schedule"]["sampling"] == "layer"
+    steps = [e for e in phds.training.read_log(out) if e["event"] == "step"]
+    assert len(steps) == 2 and all(set(e["layer_k"]) == {"0", "1"} for e in steps)
+
+
 def _write(path, rows):
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
@@ -113,6 +126,8 @@ def _write(path, rows):
         ("dense_model", "no MoE layers"),
         ("bad_k_list", "--k"),
         ("bad_select_by", "select_by"),
+        ("bad_k_sampling", "`k_sampling` must be one of ['global', 'layer'], got k_sampling='token'"),
+        ("layer_sampling_oracle", "`k_sampling`='layer' has no meaning for a fixed-k oracle"),
         ("bad_eval_k_list", "--eval-k"),
         ("eval_k_above_experts", "eval_ks"),
         ("zero_steps", "max_steps"),
@@ -155,6 +170,10 @@ def test_bad_input_fails_before_training_and_writes_nothing(tmp_path, data_file,
         k = ["--k", "two"]
     elif case == "bad_select_by":
         extra = [*extra, "--select-by", "median"]
+    elif case == "bad_k_sampling":
+        extra = [*extra, "--k-sampling", "token"]
+    elif case == "layer_sampling_oracle":
+        k = ["--fixed-k", "2", "--k-sampling", "layer"]
     elif case == "bad_eval_k_list":
         extra = [*extra, "--eval-k", "two"]
     elif case == "eval_k_above_experts":
@@ -198,6 +217,7 @@ def test_phds_train_help_documents_every_option_with_its_default():
         "--k",
         "--anchor-k",
         "--fixed-k",
+        "--k-sampling",
         "--out",
         "--lora",
         "--resume",

@@ -11,6 +11,7 @@ from phds.training import PHDSConfig
 def test_config_defaults_suit_a_cpu_and_keep_the_sft_recipe():
     config = PHDSConfig(output_dir="out")
     assert config.ks is None and config.anchor_fraction == 0.06 and config.select_by == "k_pre"
+    assert config.k_sampling == "global"  # one k per step for the whole model, as the paper
     assert config.bf16 is False  # no CUDA here
     assert config.method == "phds"
     assert PHDSConfig(output_dir="out", fixed_k=2).method == "oracle"
@@ -25,6 +26,7 @@ def test_every_phds_field_has_help_for_the_argument_parser():
         "k_weights",
         "schedule_seed",
         "fixed_k",
+        "k_sampling",
         "epsilon",
         "renormalize",
         "aux_loss_coef",
@@ -37,9 +39,10 @@ def test_every_phds_field_has_help_for_the_argument_parser():
     ):
         assert fields[name].metadata.get("help"), name
     (config,) = HfArgumentParser(PHDSConfig).parse_args_into_dataclasses(
-        ["--output_dir", "o", "--ks", "2", "3", "4", "--anchor_k", "2", "--select_by", "mean"]
+        ["--output_dir", "o", "--ks", "2", "3", "4", "--anchor_k", "2", "--select_by", "mean", "--k_sampling", "layer"]
     )
     assert config.ks == [2, 3, 4] and config.anchor_k == 2 and config.select_by == "mean"
+    assert config.k_sampling == "layer"
 
 
 @pytest.mark.parametrize(
@@ -50,6 +53,8 @@ def test_every_phds_field_has_help_for_the_argument_parser():
         (dict(ks=[2, 3], anchor_k=4), "anchor_k"),
         (dict(ks=[2, 3], fixed_k=2), "fixed_k"),
         (dict(fixed_k=2, k_weights=[1.0]), "k_weights"),
+        (dict(k_sampling="token"), "`k_sampling` must be one of \\['global', 'layer'\\], got k_sampling='token'"),
+        (dict(fixed_k=2, k_sampling="layer"), "`k_sampling`='layer' has no meaning for a fixed-k oracle"),
         (dict(anchor_fraction=2.0), "anchor_fraction"),
         (dict(ks=[2, 3], k_weights=[1.0]), "k_weights"),
         (dict(epsilon=1.0), "epsilon"),

@@ -114,3 +114,40 @@ def test_a_resumed_lora_run_restores_its_adapters_and_its_trained_routers(tmp_pa
     for name, value in phds.tiny_model("olmoe").state_dict().items():
         if name.endswith("mlp.gate.weight"):
             assert not torch.equal(whole_state[name], value)  # the routers did train
+
+
+@pytest.mark.slow
+def test_a_killed_and_resumed_layer_sampling_run_draws_the_same_per_layer_ks_and_ends_with_the_same_weights(
+    tmp_path, addition_rows
+):
+    def config(out, resume, k_sampling="layer"):
+        return resumable_config(out, resume=resume, steps=STEPS, k_sampling=k_sampling)
+
+    whole_model = phds.tiny_model("olmoe")
+    whole = train(
+        whole_model, config(tmp_path / "whole", False), train_data=addition_rows, tokenizer=phds.tiny_tokenizer()
+    )
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            phds.tiny_model("olmoe"),
+            config(out, False),
+            train_data=addition_rows,
+            tokenizer=phds.tiny_tokenizer(),
+            callbacks=[_Kill(at=5)],
+        )
+    log_before = (out / "phds_log.jsonl").read_text()
+    # resuming draws the ks the way the killed run did: the other mode is refused before anything is written
+    with pytest.raises(ValueError, match=r"`k_sampling`='global'.*trained with k_sampling='layer'"):
+        train(phds.tiny_model("olmoe"), config(out, True, "global"), train_data=addition_rows)
+    assert (out / "phds_log.jsonl").read_text() == log_before
+
+    resumed_model = phds.tiny_model("olmoe", seed=1)
+    resumed = train(resumed_model, config(out, True), train_data=addition_rows, tokenizer=phds.tiny_tokenizer())
+    assert resumed.k_history == whole.k_history
+    assert all(isinstance(ks, dict) and set(ks) == {0, 1} for ks in whole.k_history)
+    assert any(ks[0] != ks[1] for ks in whole.k_history)
+    for name, value in whole_model.state_dict().items():
+        torch.testing.assert_close(resumed_model.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    steps = {e["step"]: e["layer_k"] for e in read_log(out) if e["event"] == "step"}
+    assert [{int(i): k for i, k in steps[s].items()} for s in range(STEPS)] == whole.k_history

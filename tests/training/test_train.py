@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -40,6 +41,7 @@ def test_phds_run_saves_a_plain_checkpoint_that_stock_from_pretrained_loads(tmp_
     assert {int(k): v for k, v in sidecar.validation_loss.items()} == pytest.approx(result.validation_loss)
     assert sidecar.made_by["best_step"] == result.best_step
     assert sidecar.made_by["schedule"]["ks"] == [2, 3, 4] and sidecar.made_by["seed"] == 0
+    assert sidecar.made_by["k_sampling"] == "global"
     assert sidecar.made_by["steps"] == 6
 
     model, tokenizer = phds.load(out, device="cpu")
@@ -117,6 +119,76 @@ def test_every_micro_batch_of_a_gradient_accumulation_step_uses_the_same_k(tmp_p
     assert all(len(set(group)) == 1 for group in per_step)
     assert [group[0] for group in per_step] == result.k_history
     assert len(set(result.k_history)) > 1  # the schedule did change k between steps
+
+
+class _RecordLayerKs(TrainerCallback):
+    """Records every MoE layer's routed k at every training forward (micro-batch) of the run."""
+
+    def __init__(self):
+        self.forward_ks: list[dict[int, int]] = []
+        self.handles = []
+        self._pending: dict[int, int] = {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.layers = phds.moe_layers(model)
+        for layer in self.layers:
+            self.handles.append(layer.router.register_forward_hook(self._hook(layer.index)))
+
+    def _hook(self, index):
+        def hook(module, inputs, output):
+            if module.training:
+                self._pending[index] = module.top_k
+                if len(self._pending) == len(self.layers):  # the last MoE layer of this forward
+                    self.forward_ks.append(dict(self._pending))
+                    self._pending = {}
+
+        return hook
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for handle in self.handles:
+            handle.remove()
+
+
+def test_layer_sampling_dials_every_layer_its_own_k_on_every_micro_batch_and_logs_and_records_it(
+    tmp_path, addition_rows, caplog
+):
+    recorder = _RecordLayerKs()
+    out = tmp_path / "layer"
+    config = fast_config(
+        out,
+        ks=[1, 2, 3, 4],
+        k_sampling="layer",
+        anchor_fraction=0.25,
+        max_steps=4,
+        gradient_accumulation_steps=2,
+        per_device_train_batch_size=2,
+        eval_strategy="no",
+        eval_fraction=0.0,
+        logging_steps=1,
+    )
+    model = phds.tiny_model("olmoe", num_hidden_layers=3)
+    with caplog.at_level(logging.WARNING, logger="phds.training.train"):
+        result = train(model, config, train_data=addition_rows, tokenizer=phds.tiny_tokenizer(), callbacks=[recorder])
+    # OLMoE's own aux-loss coefficient is on: the run says the loss counts the step's largest k in every layer
+    assert "load-balancing loss" in caplog.text and "largest k" in caplog.text
+    schedule = PHDSSchedule(ks=[1, 2, 3, 4], anchor_fraction=0.25, seed=0, sampling="layer")
+    expected = [schedule.ks_at(step, 4, [0, 1, 2]) for step in range(4)]
+    assert result.k_history == expected
+    assert expected[-1] == {0: 1, 1: 1, 2: 1}  # the anchor ramp ends with every layer at the anchor
+    assert any(len(set(ks.values())) > 1 for ks in expected)  # layers differ within a step
+    # two micro-batches per optimizer step, both at that step's per-layer ks
+    assert recorder.forward_ks == [ks for ks in expected for _ in range(2)]
+
+    entries = read_log(out)
+    steps = [e for e in entries if e["event"] == "step"]
+    assert [{int(i): k for i, k in e["layer_k"].items()} for e in steps] == expected
+    assert [e["k"] for e in steps] == [sum(ks.values()) / 3 for ks in expected]
+    train_logs = {e["step"]: e["k"] for e in entries if e["event"] == "log" and "loss" in e}
+    assert train_logs == {step + 1: sum(ks.values()) / 3 for step, ks in enumerate(expected)}
+
+    made_by = phds.read_sidecar(out).made_by
+    assert made_by["k_sampling"] == "layer" and made_by["schedule"]["sampling"] == "layer"
+    assert phds.get_k(model) == 4  # k_pre restored after training
 
 
 def test_pretraining_plain_text_with_packing_works_on_a_module_built_from_config(tmp_path, text_rows):

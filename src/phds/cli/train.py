@@ -39,6 +39,11 @@ def train_command(
         None, "--k-weights", help="Sampling weights of the ks, e.g. '1,1,2'. [default: uniform]"
     ),
     fixed_k: int | None = typer.Option(None, "--fixed-k", help="Train a fixed-k oracle at this k instead of PHDS."),
+    k_sampling: str = typer.Option(
+        "global",
+        "--k-sampling",
+        help="One k per step for the whole model (global, the paper) or one per MoE layer (layer): global|layer.",
+    ),
     eval_data: str | None = typer.Option(
         None, "--eval-data", help="Validation data. [default: --eval-fraction of --data]"
     ),
@@ -114,6 +119,7 @@ def train_command(
             anchor_fraction=anchor_fraction,
             k_weights=_parse_weights(k_weights),
             fixed_k=fixed_k,
+            k_sampling=k_sampling,
             eval_fraction=eval_fraction,
             max_eval_samples=max_eval_samples,
             prompt_column=prompt_column,

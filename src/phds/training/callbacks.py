@@ -3,6 +3,7 @@
 - `PHDSCallback` sets k at `on_step_begin`, the one point of an optimizer step before its first micro-batch's
   forward: every micro-batch of a gradient-accumulation step, and any forward recomputed by activation
   checkpointing, runs at the same k. Every rank computes k from the pure schedule, so ranks agree without talking.
+  With layer-wise sampling the step's k is a `{layer_index: k}` dict; logs and the progress bar show its mean.
 - `JsonlLogCallback` appends every log (per-step k, training loss, per-k validation loss) to a JSON-lines file.
 - `RichProgressCallback` replaces transformers' tqdm bar on rank zero: step, k, loss, ETA.
 - `BestCheckpointCallback` keeps the checkpoint with the best validation score and hands it to a save function.
@@ -36,6 +37,14 @@ def eval_loss_key(k: int) -> str:
     return f"eval_loss_k{k}"
 
 
+def mean_k(k: int | dict[int, int]) -> int | float:
+    """The k of a step as one number: the k itself, or the mean over layers of a per-layer k.
+
+    Example: `mean_k({0: 2, 1: 3}) == 2.5`.
+    """
+    return sum(k.values()) / len(k) if isinstance(k, dict) else k
+
+
 def truncate_log(path: str | Path, step: int) -> None:
     """Cut the JSON-lines log at `path` back to a run's state at optimizer step `step` (a resumed checkpoint's):
     keep the steps begun before it and the logs made up to it; rewritten atomically.
@@ -65,11 +74,16 @@ class PHDSCallback(TrainerCallback):
     """Dial the schedule's k at the start of every optimizer step and record it.
 
     Args:
-        schedule: the per-step k.
+        schedule: the per-step k; `schedule.sampling == "layer"` dials a k per MoE layer.
         epsilon: weight of dropped experts (0 drops them).
         renormalize: override the router's renormalisation (None follows it).
         history_path: JSON-lines log of a previous attempt of this run; on resume the k of the steps already done
             are read back from it, so `k_history` covers the whole run.
+
+    Attributes:
+        k_history: what every step dialled: an int per step, or a `{layer_index: k}` dict per step with layer-wise
+            sampling.
+        current_k: what the current step dialled.
 
     Example: `trainer.add_callback(PHDSCallback(PHDSSchedule(ks=[2, 3, 4])))`.
     """
@@ -86,32 +100,43 @@ class PHDSCallback(TrainerCallback):
         self.epsilon = epsilon
         self.renormalize = renormalize
         self.history_path = Path(history_path) if history_path is not None else None
-        self.k_history: list[int] = []
-        self.current_k: int | None = None
+        self.k_history: list[int | dict[int, int]] = []
+        self.current_k: int | dict[int, int] | None = None
+        self.layers: list[int] | None = None
         self._k_before: int | dict | torch.Tensor | None = None
 
     def on_train_begin(self, args, state: TrainerState, control: TrainerControl, model=None, **kwargs):
         self._k_before = dial.get_k(model)
+        self.layers = [layer.index for layer in dial.moe_layers(model)]
         self.k_history = self._history_before(state.global_step, state.max_steps)
 
-    def _history_before(self, resumed_step: int, total_steps: int) -> list[int]:
+    def _history_before(self, resumed_step: int, total_steps: int) -> list[int | dict[int, int]]:
         """The k of steps [0, resumed_step): read from the previous attempt's log, else recomputed (pure schedule)."""
         if resumed_step == 0:
             return []
-        logged: dict[int, int] = {}
+        logged: dict[int, int | dict[int, int]] = {}
         if self.history_path is not None and self.history_path.is_file():
             for line in self.history_path.read_text().splitlines():
                 entry = json.loads(line)
-                if "k" in entry and entry.get("event") == "step" and entry["step"] < resumed_step:
+                if entry.get("event") != "step" or entry["step"] >= resumed_step:
+                    continue
+                if self.schedule.sampling == "layer" and "layer_k" in entry:
+                    logged[entry["step"]] = {int(layer): k for layer, k in entry["layer_k"].items()}
+                elif self.schedule.sampling == "global" and "k" in entry and "layer_k" not in entry:
                     logged[entry["step"]] = entry["k"]
         missing = [step for step in range(resumed_step) if step not in logged]
         if missing:
             logger.warning("k of %d earlier steps not in the log; recomputing them from the schedule", len(missing))
-        return [logged.get(step, self.schedule.k_at(step, total_steps)) for step in range(resumed_step)]
+        return [
+            logged[step] if step in logged else self.schedule.dialled_at(step, total_steps, self.layers)
+            for step in range(resumed_step)
+        ]
 
     def on_step_begin(self, args, state: TrainerState, control: TrainerControl, model=None, **kwargs):
         step = state.global_step
-        k = self.schedule.k_at(step, state.max_steps)
+        if self.layers is None:
+            self.layers = [layer.index for layer in dial.moe_layers(model)]
+        k = self.schedule.dialled_at(step, state.max_steps, self.layers)
         dial.set_k(model, k, epsilon=self.epsilon, renormalize=self.renormalize)
         self.current_k = k
         del self.k_history[step:]  # a step begun twice (never in transformers today) is recorded once
@@ -119,7 +144,7 @@ class PHDSCallback(TrainerCallback):
 
     def on_log(self, args, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
         if logs is not None and self.current_k is not None and "loss" in logs:
-            logs["k"] = self.current_k
+            logs["k"] = mean_k(self.current_k)  # one number, for the trackers
 
     def on_train_end(self, args, state: TrainerState, control: TrainerControl, model=None, **kwargs):
         if self._k_before is not None and model is not None:
@@ -128,7 +153,8 @@ class PHDSCallback(TrainerCallback):
 
 class JsonlLogCallback(TrainerCallback):
     """Append one JSON line per optimizer step (`{"event": "step", "step", "k"}`) and per log (`{"event": "log",
-    "step", ...}`) to `path`, on rank zero. The file is opened per write, so it survives being moved.
+    "step", ...}`) to `path`, on rank zero. The file is opened per write, so it survives being moved. With layer-wise
+    sampling a step's `k` is the mean over layers and `layer_k` holds every layer's (`{"0": 2, "1": 4}`).
 
     Example: `JsonlLogCallback("out/phds_log.jsonl", phds_callback)`.
     """
@@ -143,8 +169,12 @@ class JsonlLogCallback(TrainerCallback):
             handle.write(json.dumps(entry, sort_keys=True) + "\n")
 
     def on_step_begin(self, args, state: TrainerState, control: TrainerControl, **kwargs):
-        if state.is_world_process_zero and self.phds_callback.current_k is not None:
-            self._write({"event": "step", "step": state.global_step, "k": self.phds_callback.current_k})
+        k = self.phds_callback.current_k
+        if state.is_world_process_zero and k is not None:
+            entry = {"event": "step", "step": state.global_step, "k": mean_k(k)}
+            if isinstance(k, dict):
+                entry["layer_k"] = {str(layer): value for layer, value in sorted(k.items())}
+            self._write(entry)
 
     def on_log(self, args, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
@@ -153,7 +183,8 @@ class JsonlLogCallback(TrainerCallback):
 
 
 class RichProgressCallback(TrainerCallback):
-    """A rich progress bar on rank zero with the step, the current k, the last training loss and the ETA.
+    """A rich progress bar on rank zero with the step, the current k (the mean over layers with layer-wise
+    sampling), the last training loss and the ETA.
 
     Example: `trainer.add_callback(RichProgressCallback(phds_callback))`.
     """
@@ -186,7 +217,9 @@ class RichProgressCallback(TrainerCallback):
     def on_step_end(self, args, state: TrainerState, control: TrainerControl, **kwargs):
         if self.progress is not None:
             loss = "-" if self.loss is None else f"{self.loss:.4f}"
-            self.progress.update(self.task, completed=state.global_step, k=self.phds_callback.current_k, loss=loss)
+            k = self.phds_callback.current_k
+            k = f"{mean_k(k):.2f} (layer mean)" if isinstance(k, dict) else k
+            self.progress.update(self.task, completed=state.global_step, k=k, loss=loss)
 
     def on_log(self, args, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
         if self.progress is None or not logs:

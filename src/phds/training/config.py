@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from trl import SFTConfig
 
+from phds.schedule import SAMPLING
 from phds.sidecar import check_k, check_ks
 
 SELECT_BY = ("k_pre", "mean", "final")
@@ -43,6 +44,10 @@ class PHDSConfig(SFTConfig):
         k_weights: sampling weights of `ks` (default uniform).
         schedule_seed: seed of the per-step k draw (default: `seed`).
         fixed_k: train a fixed-k oracle at this k instead of PHDS (then `ks` must be None or `[fixed_k]`).
+        k_sampling: "global" (the paper) draws one k per optimizer step for the whole model; "layer"
+            (Matryoshka-MoE) draws one per MoE layer per step from the same distribution and anchor ramp. The
+            load-balancing loss then counts the step's largest k in every layer (the model computes it with one
+            `num_experts_per_tok`).
 
     Parameters that control routing:
         epsilon: weight of dropped experts (0 drops them; 1e-6 reproduces the paper, computing k_pre experts).
@@ -106,6 +111,14 @@ class PHDSConfig(SFTConfig):
     schedule_seed: int | None = field(default=None, metadata={"help": "Seed of the per-step k draw; default `seed`."})
     fixed_k: int | None = field(
         default=None, metadata={"help": "Train a fixed-k oracle at this k (the same recipe with ks={k})."}
+    )
+    k_sampling: str = field(
+        default="global",
+        metadata={
+            "help": "Draw one k per optimizer step for the whole model ('global', the paper) or one per MoE layer "
+            "('layer', Matryoshka-MoE).",
+            "choices": list(SAMPLING),
+        },
     )
 
     # ------------------------------------------------------------------ routing
@@ -201,6 +214,13 @@ class PHDSConfig(SFTConfig):
                 raise ValueError(f"an oracle trains at one k: `fixed_k`={self.fixed_k} with `ks`={self.ks}; drop `ks`")
             if self.k_weights is not None:
                 raise ValueError(f"`k_weights` has no meaning for a fixed-k oracle, got k_weights={self.k_weights!r}")
+            if self.k_sampling == "layer":
+                raise ValueError(
+                    "`k_sampling`='layer' has no meaning for a fixed-k oracle (every layer is always at "
+                    f"`fixed_k`={self.fixed_k}); drop one of them"
+                )
+        if self.k_sampling not in SAMPLING:
+            raise ValueError(f"`k_sampling` must be one of {list(SAMPLING)}, got k_sampling={self.k_sampling!r}")
         if self.anchor_k is not None and self.ks is not None and self.anchor_k not in self.ks:
             raise ValueError(
                 f"`anchor_k` must be one of the declared ks {sorted(self.ks)}, got anchor_k={self.anchor_k}"

@@ -55,7 +55,8 @@ class TrainResult:
         output_dir: the saved checkpoint (HF format + phds.json).
         method: "phds" or "oracle".
         ks: the declared ks.
-        k_history: the k of every optimizer step of the run (resumed runs included).
+        k_history: the k of every optimizer step of the run (resumed runs included): an int per step, or a
+            `{layer_index: k}` dict per step with `k_sampling="layer"`.
         validation_loss: {k: loss} at every eval k of the saved checkpoint; empty without validation data.
         best_step: optimizer step of the saved checkpoint.
         global_step: optimizer steps run.
@@ -66,7 +67,7 @@ class TrainResult:
     output_dir: Path
     method: str
     ks: list[int]
-    k_history: list[int]
+    k_history: list[int | dict[int, int]]
     validation_loss: dict[int, float] = field(default_factory=dict)
     best_step: int | None = None
     global_step: int = 0
@@ -214,6 +215,39 @@ def _eval_ks(config: PHDSConfig, ks: list[int], k_select: int, num_experts: int)
     return eval_ks
 
 
+def _check_resumed_sampling(out: Path, k_sampling: str) -> None:
+    """A resumed run draws its ks the way the run in `out` did: its log's step lines carry `layer_k` iff per layer."""
+    path = out / LOG_NAME
+    if not path.is_file():
+        return
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # the last line of a killed write
+        if entry.get("event") == "step":
+            logged = "layer" if "layer_k" in entry else "global"
+            if logged != k_sampling:
+                raise ValueError(
+                    f"`k_sampling`={k_sampling!r}, but the run being resumed in {out} was trained with "
+                    f"k_sampling={logged!r}; resume it with k_sampling={logged!r} (--k-sampling {logged})"
+                )
+            return
+
+
+def _warn_aux_loss_per_layer(config: PHDSConfig, model: nn.Module) -> None:
+    """With a k per layer the model computes its load-balancing loss with one k: the step's largest, every layer."""
+    text_config = model.config.get_text_config()
+    coef = config.router_aux_loss_coef
+    coef = getattr(text_config, "router_aux_loss_coef", 0.0) if coef is None else coef
+    if config.k_sampling == "layer" and coef and hasattr(text_config, "output_router_logits"):
+        logger.warning(
+            "k_sampling='layer': the load-balancing loss (coefficient %s) counts the step's largest k in every "
+            "layer, since the model computes it with one num_experts_per_tok; aux_loss_coef=0 turns it off",
+            coef,
+        )
+
+
 def _made_by(
     config: PHDSConfig, model_name: str, schedule: PHDSSchedule, eval_ks: list[int], data: dict[str, Any]
 ) -> dict[str, Any]:
@@ -221,6 +255,7 @@ def _made_by(
     return {
         "base_model": model_name,
         "schedule": schedule.to_dict(),
+        "k_sampling": schedule.sampling,
         "data": data,
         "seed": config.seed,
         "select_by": config.select_by,
@@ -240,6 +275,8 @@ def _plan(model, config: PHDSConfig, train_data, eval_data, tokenizer) -> _Plan:
     out_existed = out.exists()
     checkpoint.recover(out, carry=RUN_ENTRIES)
     resume_from = _resume_checkpoint(config, out)
+    if resume_from is not None:
+        _check_resumed_sampling(out, config.k_sampling)
 
     # --- data: read and check every row source before touching the model
     train_rows, eval_rows = prepare_data(
@@ -268,7 +305,9 @@ def _plan(model, config: PHDSConfig, train_data, eval_data, tokenizer) -> _Plan:
         anchor_k=None if oracle else config.anchor_k,
         anchor_fraction=0.0 if oracle else config.anchor_fraction,
         seed=config.schedule_seed if config.schedule_seed is not None else config.seed,
+        sampling=config.k_sampling,
     )
+    _warn_aux_loss_per_layer(config, model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 
@@ -451,7 +490,8 @@ def train(
 def read_log(output_dir: str | os.PathLike) -> list[dict]:
     """The JSON-lines log of a run: per-step k (`event == "step"`) and every Trainer log (`event == "log"`).
 
-    Example: `[e["k"] for e in read_log("out") if e["event"] == "step"]`.
+    Example: `[e["k"] for e in read_log("out") if e["event"] == "step"]` (with `k_sampling="layer"`, `e["k"]` is the
+    step's mean over layers and `e["layer_k"]` every layer's k).
     """
     path = Path(output_dir) / LOG_NAME
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
