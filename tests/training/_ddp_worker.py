@@ -17,25 +17,31 @@ ROWS = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(8) for 
 
 
 class _RecordRoutedK(TrainerCallback):
-    """The router's k at every training forward on this rank."""
+    """Every MoE layer's routed k at every training forward on this rank: one `[k of layer 0, k of layer 1, ...]`
+    per forward (micro-batch)."""
 
     def __init__(self):
-        self.forward_ks: list[int] = []
+        self.forward_ks: list[list[int]] = []
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        phds.moe_layers(model)[0].router.register_forward_hook(self._hook)
+        layers = phds.moe_layers(model)
+        layers[0].router.register_forward_hook(self._hook(layers))
 
-    def _hook(self, module, inputs, output):
-        if module.training:
-            self.forward_ks.append(module.top_k)
+    def _hook(self, layers):
+        def hook(module, inputs, output):
+            if module.training:  # layer 0 routes first; the dial set every layer's k before the forward
+                self.forward_ks.append([layer.router.top_k for layer in layers])
+
+        return hook
 
 
-def main(out: str, record_dir: str) -> None:
+def main(out: str, record_dir: str, k_sampling: str) -> None:
     torch.set_num_threads(1)
     recorder = _RecordRoutedK()
     config = PHDSConfig(
         output_dir=out,
         ks=[1, 2, 3, 4],
+        k_sampling=k_sampling,
         anchor_fraction=0.25,
         max_steps=4,
         per_device_train_batch_size=2,
@@ -59,7 +65,7 @@ def main(out: str, record_dir: str) -> None:
     record = {
         "rank": rank,
         "world_size": int(os.environ["WORLD_SIZE"]),
-        "k_history": result.k_history,
+        "k_history": [{str(i): k for i, k in ks.items()} if isinstance(ks, dict) else ks for ks in result.k_history],
         "forward_ks": recorder.forward_ks,
         "validation_loss": {str(k): v for k, v in result.validation_loss.items()},
     }
@@ -67,4 +73,4 @@ def main(out: str, record_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3])
