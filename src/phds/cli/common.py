@@ -53,6 +53,30 @@ def parse_ks(text: str, option: str = "--k", minimum: int = 1) -> list[int]:
     return sorted(ks)
 
 
+def parse_points(text: str, option: str = "--k") -> list:
+    """Operating points separated by ';': ks like '1,2,4' or '2-4', policies like 'top_p=0.7' or 'skip=0.3',
+    per-layer 'layers=0:2,1:3', or an allocation .json from `phds allocate` (see `phds.points`).
+
+    Example: `parse_points("1-2;skip=0.3") == [1, 2, Skip(0.3)]`.
+    """
+    from phds.points import parse_point
+
+    points: list = []
+    for part in (p.strip() for p in text.split(";")):
+        if not part:
+            continue
+        if part[0].isdigit() and not part.endswith(".json"):
+            points.extend(parse_ks(part, option))
+        else:
+            try:
+                points.append(parse_point(part))
+            except ValueError as error:
+                raise ValueError(f"{option}: {error}") from None
+    if not points:
+        raise ValueError(f"{option} is empty, got {text!r}")
+    return points
+
+
 # Set by `phds --debug`: errors then keep their traceback instead of being printed as one line.
 DEBUG = False
 

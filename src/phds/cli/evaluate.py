@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from phds.cli import app
-from phds.cli.common import check_out_dir, console, parse_ks, user_errors
+from phds.cli.common import check_out_dir, console, parse_ks, parse_points, user_errors
 
 MODEL_HELP = "Checkpoint directory, hub name, or tiny:<family> (e.g. tiny:olmoe)."
 TASKS_HELP = (
@@ -29,16 +29,20 @@ def _summary(results: dict) -> None:
     table = Table(title=f"{results['model']} ({results['method']})")
     table.add_column("task")
     table.add_column("metric")
-    for k in results["ks"]:
-        table.add_column(f"k={k}", justify="right")
+    points = results.get("points", [str(k) for k in results["ks"]])
+    for label in points:
+        table.add_column(f"k={label}" if label.isdigit() else label, justify="right")
     for name, task in results["tasks"].items():
         metric = task["primary"]
-        table.add_row(name, metric, *(f"{task['metrics'][str(k)][metric]['value']:.3f}" for k in results["ks"]))
+        table.add_row(name, metric, *(f"{task['metrics'][label][metric]['value']:.3f}" for label in points))
+        if any(not label.isdigit() for label in points):
+            experts = [task["compute"][label]["active_experts"] for label in points]
+            table.add_row("", "experts/token", *(f"{e:.2f}" for e in experts))
     if results["latency"]:
         table.add_row(
             "latency",
             "decode ms/token",
-            *(f"{results['latency'][str(k)]['decode_ms_per_token']:.2f}" for k in results["ks"]),
+            *(f"{results['latency'][label]['decode_ms_per_token']:.2f}" for label in points),
         )
     console.print(table)
 
@@ -72,7 +76,12 @@ DEVICE = typer.Option(None, help="cpu, cuda, ... (default: CUDA when present).")
 def eval_command(
     model: Annotated[str, typer.Argument(help=MODEL_HELP)],
     out: Annotated[Path, typer.Option(help="Output directory (results.json, predictions.jsonl, report.md, plots).")],
-    k: str | None = typer.Option(None, "--k", help="ks to evaluate, e.g. '1,2,4,8' or '1-4' (default: declared ks)."),
+    k: str | None = typer.Option(
+        None,
+        "--k",
+        help="ks to evaluate, e.g. '1,2,4,8' or '1-4' (default: declared ks), and other operating points after ';': "
+        "'2,4;top_p=0.7;skip=0.3;alloc.json' (routing policies, a `phds allocate` file, 'layers=0:2,1:3').",
+    ),
     tasks: str = typer.Option(..., help=TASKS_HELP),
     model_name: str | None = typer.Option(None, help="Name shown in reports."),
     limit: int | None = LIMIT,
@@ -89,7 +98,7 @@ def eval_command(
     from phds.evaluation import evaluate
 
     with user_errors():
-        ks = parse_ks(k) if k is not None else None
+        ks = parse_points(k) if k is not None else None
         check_out_dir(out)
         results = evaluate(
             model,

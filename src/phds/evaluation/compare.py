@@ -104,7 +104,8 @@ def _metric_rows(named: list[tuple[str, dict]], reference: dict, seed: int) -> d
     table: dict[str, list[dict[str, Any]]] = {}
     for task_name in dict.fromkeys(t for _, r in named for t in r["tasks"]):
         evaluated = [r["tasks"][task_name] for _, r in named if task_name in r["tasks"]]
-        ks = sorted({int(k) for task in evaluated for k in task["metrics"]})
+        # models are compared at ks; other operating points (policies, allocations) are reported by `evaluate`
+        ks = sorted({int(k) for task in evaluated for k in task["metrics"] if k.isdigit()})
         ref_task = reference["tasks"].get(task_name)
         rows = []
         for key in map(str, ks):

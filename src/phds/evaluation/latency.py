@@ -63,8 +63,9 @@ def _timed_generate(model, ids_BT: torch.Tensor, new_tokens: int, pad: int) -> f
 
 
 @torch.no_grad()
-def measure_latency(model, k: int, config: LatencyConfig | None = None) -> dict[str, float]:
-    """Prefill tokens/s, decode ms/token and active parameters per token at `k`.
+def measure_latency(model, k, config: LatencyConfig | None = None) -> dict[str, float]:
+    """Prefill tokens/s, decode ms/token and active parameters per token at `k` (an int or any operating point of
+    `phds.points`; a policy's active parameters are those it used on the timed prompts).
 
     Example: `measure_latency(model, 2)["decode_ms_per_token"]`.
     """
@@ -80,10 +81,11 @@ def measure_latency(model, k: int, config: LatencyConfig | None = None) -> dict[
         _timed_generate(model, ids_BT, config.new_tokens + 1, pad)  # warm-up
         first = [_timed_generate(model, ids_BT, 1, pad) for _ in range(config.repeats)]
         full = [_timed_generate(model, ids_BT, config.new_tokens + 1, pad) for _ in range(config.repeats)]
+        used = dial.active_experts(model)
     prefill_s = min(first)
     decode_s = max(min(full) - prefill_s, 0.0) / config.new_tokens
     return {
-        "active_params": int(dial.active_parameters(model, k)),
+        "active_params": dial.active_parameters(model, k if isinstance(k, int) else used),
         "prefill_tokens_per_s": config.prompt_tokens * config.batch_size / prefill_s,
         "decode_ms_per_token": decode_s * 1000.0,
         "prompt_tokens": config.prompt_tokens,

@@ -1,7 +1,9 @@
-"""`evaluate`: one pass per k over every task, per-item predictions stored, agreement computed from them.
+"""`evaluate`: one pass per operating point over every task, per-item predictions stored, agreement computed.
 
-The model is loaded once; each k is dialled with `phds.sparsity`, so the model's own k is restored afterwards.
-Tasks and ks are validated before any model call.
+An operating point is a k, a routing policy or a per-layer allocation (`phds.points`). The model is loaded once;
+each point is dialled with `phds.sparsity`, so the model's own k is restored afterwards, and every task records the
+routed experts per token it measured at each point (a policy's depend on the text) and the active parameters that
+implies. Tasks and points are validated before any model call.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import datetime
 import logging
 import os
 import platform
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,6 +29,7 @@ from phds.evaluation.metrics import METRICS, METRICS_OF, PRIMARY, last_number, s
 from phds.evaluation.prompts import ItemRequests, build_requests
 from phds.evaluation.tasks import GENERATION_KINDS, Task, load_tasks, normalise_number
 from phds.loading import load, sidecar_of
+from phds.points import Point, is_policy, point_label
 from phds.sidecar import check_ks, resolve_ks
 
 logger = logging.getLogger(__name__)
@@ -103,7 +107,7 @@ class _Prepared:
         return len(self.token_requests) if self.token_requests else self.count
 
 
-def _score_ll(prep: _Prepared, scored: list[scoring.Scored], k: int) -> tuple[dict, list[dict]]:
+def _score_ll(prep: _Prepared, scored: list[scoring.Scored], k: int | str) -> tuple[dict, list[dict]]:
     task, kind = prep.task, prep.task.kind
     columns: dict[str, list] = {"prediction": []}
     records = []
@@ -143,7 +147,7 @@ def _score_ll(prep: _Prepared, scored: list[scoring.Scored], k: int) -> tuple[di
     return columns, records
 
 
-def _score_generation(prep: _Prepared, texts: list[str], k: int) -> tuple[dict, list[dict]]:
+def _score_generation(prep: _Prepared, texts: list[str], k: int | str) -> tuple[dict, list[dict]]:
     columns: dict[str, list] = {"prediction": [], "exact_match": []}
     records = []
     for index, (item, text) in enumerate(zip(prep.items, texts, strict=True)):
@@ -172,7 +176,7 @@ def _score_generation(prep: _Prepared, texts: list[str], k: int) -> tuple[dict, 
 
 def evaluate(
     model,
-    ks: Sequence[int] | None,
+    ks: Sequence[int | Point] | None,
     tasks: Sequence[str | os.PathLike] | str,
     *,
     out_dir: str | os.PathLike | None = None,
@@ -189,13 +193,14 @@ def evaluate(
     device: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate a model at every k in `ks`: quality per task, cross-k agreement, latency; one pass per k.
+    """Evaluate a model at every k (or operating point) in `ks`: quality per task, agreement, latency; one pass each.
 
     Args:
         model: a checkpoint path, hub name, `tiny:<arch>`, a loaded `(model, tokenizer)` pair, or a model (then pass
             `tokenizer`).
-        ks: the distinct ks to dial (`phds.sidecar.check_ks`); None means the sidecar's declared ks, else the
-            model's k_pre.
+        ks: the distinct ks to dial (`phds.sidecar.check_ks`), and any other operating points (`phds.points`):
+            routing policies like `phds.TopP(0.7)` and per-layer allocations `{layer: k}`, evaluated after the ks;
+            None means the sidecar's declared ks, else the model's k_pre.
         tasks: task specs: .jsonl / .txt paths or bare names in `$PHDS_DATA` (see `phds.evaluation.tasks`).
         out_dir: when given, write results.json, predictions.jsonl, report.md, frontier.png and agreement.png.
         tokenizer: overrides the loaded tokenizer.
@@ -246,14 +251,15 @@ def evaluate(
         for task in plan.tasks
     ]
     # run: one pass per k
-    per_k, records, latency_table = _run(
+    per_k, usage, records, latency_table = _run(
         plan, prepared, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress
     )
     # finish: metrics with CIs, agreement across k, and the files
     results = _assemble(
         prepared,
         per_k,
-        plan.ks,
+        usage,
+        plan,
         latency_table,
         model=plan.model,
         sidecar=plan.sidecar,
@@ -283,6 +289,7 @@ class _Plan:
     name: str | None  # the path or hub name the model was loaded from
     sidecar: Any
     ks: list[int]
+    points: dict[str, Point]  # label -> point: the ks first, then the other points as given
     tasks: list[Task]
     max_len: int
     latency: LatencyConfig | None
@@ -304,8 +311,21 @@ def _plan(
     if tokenizer is None:
         raise ValueError("`tokenizer` is required: the model came without one")
     sidecar = sidecar_of(model)
-    # raises for a model without MoE layers; the given ks must be distinct, the declared ones already are
-    ks = check_ks(ks, num_experts=dial.num_experts(model)) if ks is not None else resolve_ks(model)[0]
+    others = [point for point in (ks or []) if isinstance(point, Mapping) or is_policy(point)]
+    if ks is None:
+        ks = resolve_ks(model)[0]
+    else:
+        ks = [point for point in ks if not (isinstance(point, Mapping) or is_policy(point))]
+        # raises for a model without MoE layers; the given ks must be distinct
+        ks = check_ks(ks, num_experts=dial.num_experts(model)) if ks or not others else []
+    points = {point_label(k): k for k in ks}
+    for point in others:
+        with dial.sparsity(model, point):  # a bad policy or allocation fails here, before any forward
+            pass
+        label = point_label(point)
+        if label in points:
+            raise ValueError(f"`ks` names the operating point {label} twice")
+        points[label] = point
     if sidecar is not None:
         undeclared = [k for k in ks if k not in sidecar.ks]
         if undeclared:
@@ -325,6 +345,7 @@ def _plan(
         name=loaded_name,
         sidecar=sidecar,
         ks=ks,
+        points=points,
         tasks=task_list,
         max_len=max_len,
         latency=latency_config,
@@ -333,42 +354,48 @@ def _plan(
 
 def _run(
     plan: _Plan, prepared: list[_Prepared], *, batch_size: int, max_new_tokens: int, progress: bool
-) -> tuple[dict[int, dict[str, dict]], list[dict], dict[str, dict]]:
-    """One pass per k over every task (and latency at that k): per-k metric columns, per-item records, latency."""
+) -> tuple[dict[str, dict[str, dict]], dict[str, dict[str, dict]], list[dict], dict[str, dict]]:
+    """One pass per point over every task (and latency there): per-point metric columns, the experts each task
+    used, per-item records, latency."""
     model, pad = plan.model, scoring.pad_id(plan.tokenizer)
-    per_k: dict[int, dict[str, dict]] = {k: {} for k in plan.ks}
+    per_k: dict[str, dict[str, dict]] = {label: {} for label in plan.points}
+    usage: dict[str, dict[str, dict]] = {label: {} for label in plan.points}
     records: list[dict] = []
     latency_table: dict[str, dict] = {}
-    total = len(plan.ks) * sum(p.units for p in prepared)
+    total = len(plan.points) * sum(p.units for p in prepared)
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), disable=not progress
     ) as bar:
         job = bar.add_task("eval", total=total)
-        for k in plan.ks:
-            with dial.sparsity(model, k):
-                for prep in prepared:
-                    bar.update(job, description=f"k={k} {prep.task.name}")
+        for label, point in plan.points.items():
+            for prep in prepared:
+                bar.update(job, description=f"k={label} {prep.task.name}")
+                # dialled per task, so the experts a policy keeps are measured on this task alone
+                with dial.sparsity(model, point):
+                    start = time.perf_counter()
                     columns, recs = _score_task(
                         plan,
                         prep,
-                        k,
+                        point if isinstance(point, int) else label,  # records keep int ks as numbers
                         batch_size=batch_size,
                         max_new_tokens=max_new_tokens,
                         pad=pad,
                         advance=lambda n: bar.advance(job, n),
                     )
-                    per_k[k][prep.task.name] = columns
-                    records.extend(recs)
+                    seconds = time.perf_counter() - start
+                    usage[label][prep.task.name] = {"layers": dial.active_experts(model), "seconds": seconds}
+                per_k[label][prep.task.name] = columns
+                records.extend(recs)
             if plan.latency is not None:
-                bar.update(job, description=f"k={k} latency")
-                latency_table[str(k)] = measure_latency(model, k, plan.latency)
-    return per_k, records, latency_table
+                bar.update(job, description=f"k={label} latency")
+                latency_table[label] = measure_latency(model, point, plan.latency)
+    return per_k, usage, records, latency_table
 
 
 def _score_task(
-    plan: _Plan, prep: _Prepared, k: int, *, batch_size: int, max_new_tokens: int, pad: int, advance
+    plan: _Plan, prep: _Prepared, label: int | str, *, batch_size: int, max_new_tokens: int, pad: int, advance
 ) -> tuple[dict, list[dict]]:
-    """Score one task at the k the model is dialled to: greedy generations or log-likelihoods."""
+    """Score one task at the point the model is dialled to: greedy generations or log-likelihoods."""
     if prep.task.kind in GENERATION_KINDS:
         texts = scoring.generate(
             plan.model,
@@ -380,13 +407,43 @@ def _score_task(
             limit=plan.max_len,
             on_batch=advance,
         )
-        return _score_generation(prep, texts, k)
+        columns, records = _score_generation(prep, texts, label)
+        # answer length: cutting k can make answers longer, which a per-token speed-up does not show
+        columns["answer_tokens"] = [len(plan.tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
+        return columns, records
     scored = scoring.loglikelihoods(plan.model, prep.token_requests, batch_size=batch_size, pad=pad, on_batch=advance)
-    return _score_ll(prep, scored, k)
+    return _score_ll(prep, scored, label)
 
 
-def _assemble(prepared, per_k, ks, latency_table, *, model, sidecar, name, settings) -> dict[str, Any]:
+def _mean_active_params(tasks: dict[str, Any], label: str) -> float | int | None:
+    """The active parameters at a point over all tasks (the same on every task for a k or an allocation)."""
+    values = [task["compute"][label]["active_params"] for task in tasks.values()]
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    mean = sum(values) / len(values)
+    return int(mean) if float(mean).is_integer() else mean
+
+
+def _compute(model, usage: dict, prep: _Prepared) -> dict[str, float]:
+    """What one task cost at one point: routed experts per token (measured), active parameters, and for
+    generation tasks the tokens and seconds per answer (the pass's wall time over its items)."""
+    layers = {int(index): mean for index, mean in usage["layers"].items() if mean is not None}
+    mean = sum(layers.values()) / len(layers) if layers else None
+    cost: dict[str, float] = {
+        "active_experts": mean,
+        "active_params": float(dial.active_parameters(model, layers)) if layers else None,
+    }
+    if prep.task.kind in GENERATION_KINDS:
+        cost["seconds_per_answer"] = usage["seconds"] / max(prep.count, 1)
+    return cost
+
+
+def _assemble(prepared, per_k, usage, plan, latency_table, *, model, sidecar, name, settings) -> dict[str, Any]:
     seed = settings["seed"]
+    ks, labels = plan.ks, list(plan.points)
+    # agreement is keyed like before for ks (ints) and by label for the other points
+    keys = {label: plan.points[label] if label in map(str, ks) else label for label in labels}
     tasks: dict[str, Any] = {}
     for prep in prepared:
         task = prep.task
@@ -399,6 +456,7 @@ def _assemble(prepared, per_k, ks, latency_table, *, model, sidecar, name, setti
             "higher_is_better": METRICS[PRIMARY[task.kind]],
             "metrics": {},
             "items": {},
+            "compute": {},
         }
         if task.kind == "perplexity":
             entry["window"] = settings["max_length"]
@@ -413,12 +471,15 @@ def _assemble(prepared, per_k, ks, latency_table, *, model, sidecar, name, setti
             entry["digest"] = Task(
                 name=task.name, kind=task.kind, path=task.path, items=task.items[: prep.count]
             ).digest()
-        for k in ks:
-            columns = per_k[k][task.name]
-            entry["metrics"][str(k)] = {m: summarise(m, columns, seed=seed) for m in names}
-            entry["items"][str(k)] = columns
+        for label in labels:
+            columns = per_k[label][task.name]
+            entry["metrics"][label] = {m: summarise(m, columns, seed=seed) for m in names}
+            entry["items"][label] = columns
+            entry["compute"][label] = _compute(model, usage[label][task.name], prep)
+            if "answer_tokens" in columns:
+                entry["compute"][label]["tokens_per_answer"] = float(np.mean(columns["answer_tokens"]))
         entry["agreement"] = agreement_matrix(
-            {k: per_k[k][task.name]["prediction"] for k in ks},
+            {keys[label]: per_k[label][task.name]["prediction"] for label in labels},
             positionwise=task.kind == "perplexity",
         )
         tasks[task.name] = entry
@@ -428,10 +489,11 @@ def _assemble(prepared, per_k, ks, latency_table, *, model, sidecar, name, setti
         "method": sidecar.method if sidecar is not None else "base",
         "sidecar": sidecar.to_dict() if sidecar is not None else None,
         "ks": list(ks),
+        "points": labels,
         "k_pre": dial.k_pre(model),
         "num_experts": dial.num_experts(model),
         "total_params": int(sum(p.numel() for p in model.parameters())),
-        "active_params": {str(k): int(dial.active_parameters(model, k)) for k in ks},
+        "active_params": {label: _mean_active_params(tasks, label) for label in labels},
         "settings": settings,
         "tasks": tasks,
         "latency": latency_table,
