@@ -68,7 +68,7 @@ def test_phds_sweep_and_compare_run_from_the_command_line(task_dir, tmp_path):
     [
         (["--k", "1,9", "--tasks", "{d}/mc.jsonl"], "number of experts (8), got ks=[1, 9]"),
         (["--k", "1", "--tasks", "{d}/absent.jsonl"], "no such file"),
-        (["--k", "x", "--tasks", "{d}/mc.jsonl"], "--k must be integers"),
+        (["--k", "x", "--tasks", "{d}/mc.jsonl"], "--k: an operating point is a k like"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_exit_code_2(task_dir, tmp_path, args, message):
