@@ -15,6 +15,9 @@ def serve(
     model: str = typer.Argument(..., help="Checkpoint directory, hub name, or tiny:<family> (e.g. tiny:olmoe)."),
     k_set: str | None = typer.Option(None, help="ks requests may ask for, e.g. '1,2,4' (default: the sidecar's)."),
     default_k: int | None = typer.Option(None, help="k of a request that names none (default: the sidecar's)."),
+    allocation: str | None = typer.Option(
+        None, help="A `phds allocate` file: every request runs at its per-layer ks (a request naming a k: 400)."
+    ),
     served_model_name: str | None = typer.Option(None, help="Model name clients use (default: directory name)."),
     host: str = typer.Option("127.0.0.1", help="Bind address; loopback unless told otherwise."),
     port: int = typer.Option(8000, help="TCP port."),
@@ -42,6 +45,7 @@ def serve(
             served_model_name=served_model_name,
             k_set=parse_ks(k_set, "--k-set") if k_set else None,
             default_k=default_k,
+            allocation=allocation,
             host=host,
             port=port,
             api_key=api_key or os.environ.get("PHDS_API_KEY") or None,
@@ -60,8 +64,11 @@ def serve(
         )
         service = Service.from_config(config)
     auto = f", auto target {config.auto_target_ms} ms" if config.auto_target_ms else ""
+    at = f"ks {service.ks} (default k={service.default_k}{auto})"
+    if service.allocation is not None:
+        at = "per-layer ks " + " ".join(f"{index}:{k}" for index, k in service.allocation.items())
     console.print(
-        f"serving [bold]{service.model_name}[/] at ks {service.ks} (default k={service.default_k}{auto}) on "
+        f"serving [bold]{service.model_name}[/] at {at} on "
         f"http://{config.host}:{config.port}/v1" + ("  (API key required)" if config.api_key else ""),
         soft_wrap=True,
     )

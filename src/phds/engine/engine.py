@@ -16,6 +16,7 @@ import inspect
 import logging
 import numbers
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -39,7 +40,10 @@ class Request:
     Attributes:
         request_id: unique among the engine's waiting and running requests.
         prompt_ids: prompt token ids (non-empty).
-        k: experts per token for this request.
+        k: experts per token for this request: an int, or a `{layer_index: k}` dict naming every MoE layer (a
+            `phds allocate` allocation). Rows at an int k share a forward pass whatever their ks; a row at a
+            per-layer k shares it only with rows at the same dict, so a request at another one waits (in order)
+            until the running rows have finished.
         params: sampling and stop parameters.
 
     Example: `Request(request_id="a", prompt_ids=[1, 5, 6], k=2, params=SamplingParams(max_new_tokens=8))`.
@@ -47,7 +51,7 @@ class Request:
 
     request_id: str
     prompt_ids: list[int]
-    k: int
+    k: int | Mapping[int, int]
     params: SamplingParams = field(default_factory=SamplingParams)
 
 
@@ -130,7 +134,7 @@ class Engine:
         self.cache = SlotCache(num_layers=config.num_hidden_layers, num_rows=max_batch_size, max_len=max_seq_len)
         self._cancelled: set[str] = set()
         self._dial_stack = contextlib.ExitStack()
-        self._dialled: tuple[int, ...] | None = None
+        self._dialled: tuple | None = None  # the `_dial_key`s of the rows the dial is set for
 
     # ------------------------------------------------------------------ queue
 
@@ -145,7 +149,16 @@ class Engine:
             raise TypeError(f"`request` must be a phds.engine.Request, got {type(request).__name__}")
         if not isinstance(request.params, SamplingParams):
             raise ValueError(f"`request.params` must be SamplingParams, got {type(request.params).__name__}")
-        check_k(request.k, num_experts=self.max_k)
+        if isinstance(request.k, Mapping):
+            indices = sorted(layer.index for layer in self.layers)
+            if set(request.k) != set(indices):
+                raise ValueError(
+                    f"a per-layer `k` must name every MoE layer {indices}, got layers {sorted(request.k, key=str)}"
+                )
+            for index, k in request.k.items():
+                check_k(k, name=f"k[{index}]", num_experts=self.max_k)
+        else:
+            check_k(request.k, num_experts=self.max_k)
         prompt = list(request.prompt_ids)
         vocab = self.model.config.vocab_size
         if not prompt or any(
@@ -183,7 +196,11 @@ class Engine:
         events = self._drop_cancelled()
         decoding = len(self._rows)
         joining = []
+        keys = [_dial_key(row.request.k) for row in self._rows]
         while self._waiting and decoding + len(joining) < self.max_batch_size:
+            keys.append(_dial_key(self._waiting[0].k))
+            if not _can_share(keys):
+                break  # another per-layer k: it waits for the running rows
             joining.append(self._waiting.popleft())
         if joining:
             events.extend(self._admit(joining))
@@ -194,7 +211,10 @@ class Engine:
         return events
 
     def generate(
-        self, prompts: list[list[int]], ks: list[int] | int, params: SamplingParams | None = None
+        self,
+        prompts: list[list[int]],
+        ks: list[int | Mapping[int, int]] | int | Mapping[int, int],
+        params: SamplingParams | None = None,
     ) -> list[list[int]]:
         """Run `prompts` to completion (each at its k) and return the new tokens of each, in order.
 
@@ -203,6 +223,8 @@ class Engine:
         params = params if params is not None else SamplingParams()
         if isinstance(ks, numbers.Integral) and not isinstance(ks, bool):
             ks = [int(ks)] * len(prompts)
+        elif isinstance(ks, Mapping):  # one per-layer k for every prompt
+            ks = [ks] * len(prompts)
         if len(ks) != len(prompts):
             raise ValueError(f"`ks` must be one k or one k per prompt ({len(prompts)}), got {len(ks)} ks")
         ids = [f"_generate-{i}" for i in range(len(prompts))]
@@ -264,18 +286,23 @@ class Engine:
             )
         return out.logits[:, 0]
 
-    def _dial_rows(self, ks: tuple[int, ...]) -> None:
-        """Dial the model to one k per row. Dialling walks the whole model (about a millisecond), so the dial is
-        held across steps and only changed when the rows' ks change; `_release_dial` restores the model's own k
-        when the engine goes idle."""
-        if ks == self._dialled:
+    def _dial_rows(self, ks: tuple[int | Mapping[int, int], ...]) -> None:
+        """Dial the model to one k per row (or to the rows' shared per-layer k). Dialling walks the whole model
+        (about a millisecond), so the dial is held across steps and only changed when the rows' ks change;
+        `_release_dial` restores the model's own k when the engine goes idle."""
+        keys = tuple(_dial_key(k) for k in ks)
+        if keys == self._dialled:
             return
+        assert _can_share(keys), f"rows at different per-layer ks in one forward: {keys}"
         self._release_dial()
-        k = ks[0] if len(set(ks)) == 1 else torch.tensor(ks, device=self.device)
+        if len(set(keys)) > 1:
+            k = torch.tensor(ks, device=self.device)  # one int k per row
+        else:
+            k = dict(ks[0]) if isinstance(ks[0], Mapping) else ks[0]
         self._dial_stack.enter_context(dial.sparsity(self.model, k))
         self._dial_stack.enter_context(_experts_implementation(self.model, IMPLEMENTATION))
         self._dial_stack.enter_context(decode_linears(self.model))
-        self._dialled = ks
+        self._dialled = keys
 
     def _release_dial(self) -> None:
         self._dial_stack.close()
@@ -364,6 +391,16 @@ class Engine:
         for request_id in finished:
             self._remove(request_id)
         return events
+
+
+def _dial_key(k: int | Mapping[int, int]) -> int | tuple[tuple[int, int], ...]:
+    """A request's k as a hashable value (a per-layer dict becomes its sorted items)."""
+    return tuple(sorted(k.items())) if isinstance(k, Mapping) else k
+
+
+def _can_share(keys: list | tuple) -> bool:
+    """Can rows at these ks run in one forward? The dial takes one k per row (a tensor) or one per-layer dict."""
+    return len(set(keys)) <= 1 or all(isinstance(key, int) for key in keys)
 
 
 @contextlib.contextmanager

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +20,10 @@ class ServeConfig:
         served_model_name: the name clients use; defaults to the checkpoint directory's name.
         k_set: the ks requests may ask for; defaults to the sidecar's declared ks, else [k_pre].
         default_k: k of a request that names none; defaults to the sidecar's default k, else k_pre.
+        allocation: serve every request at this per-layer k: a `phds allocate` file (or its `{layer_index: k}`
+            dict, as `phds.allocation.load_allocation` returns it), naming every MoE layer. A request that names a k
+            (body `k`, `NAME@k2`, `NAME@auto`) is then refused with a 400; responses report the largest per-layer
+            k as their `k`. Excludes `k_set`, `default_k` and `auto_target_ms`.
         host: bind address (loopback unless told otherwise).
         port: TCP port (0 picks a free one).
         api_key: when set, `/v1/*` needs `Authorization: Bearer <api_key>` (else 401).
@@ -40,6 +46,7 @@ class ServeConfig:
     served_model_name: str | None = None
     k_set: list[int] | None = None
     default_k: int | None = None
+    allocation: str | os.PathLike | Mapping[int, int] | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
@@ -81,8 +88,25 @@ class ServeConfig:
             self.k_set = sidecar.check_ks(self.k_set, name="k_set")
         if self.k_set is not None and self.default_k is not None:
             sidecar.check_default_k(self.default_k, self.k_set)
+        if self.allocation is not None:
+            self.allocation = _read_allocation(self.allocation)
+            others = [name for name in ("k_set", "default_k", "auto_target_ms") if getattr(self, name) is not None]
+            if others:
+                raise ValueError(
+                    f"`allocation` serves every request at one per-layer k; drop `{others[0]}` (it picks ks per "
+                    "request), or drop `allocation`"
+                )
         if self.served_model_name is not None and ("@" in self.served_model_name or not self.served_model_name):
             raise ValueError(f"`served_model_name` must be non-empty without '@', got {self.served_model_name!r}")
+
+
+def _read_allocation(allocation: str | os.PathLike | Mapping[int, int]) -> dict[int, int]:
+    # Imported here: `phds.allocation` reads training data, which a protocol-only user of the config never needs.
+    from phds.allocation import check_allocation, load_allocation
+
+    if isinstance(allocation, Mapping):
+        return check_allocation(dict(allocation), what="`allocation`")
+    return load_allocation(allocation)
 
 
 def resolve_ks(model, k_set: list[int] | None, default_k: int | None) -> tuple[list[int], int]:

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ class Finished:
 class _Subscriber:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
-    k: int
+    k: int | tuple[tuple[int, int], ...]  # a per-layer k as its sorted items, so that a step's ks form a set
 
 
 class EngineRunner:
@@ -74,7 +75,8 @@ class EngineRunner:
         if self._stop.is_set():
             raise RuntimeError("the runner is stopped")
         events: asyncio.Queue = asyncio.Queue()
-        self._inbox.put(("add", request, _Subscriber(asyncio.get_running_loop(), events, request.k)))
+        k = tuple(sorted(request.k.items())) if isinstance(request.k, Mapping) else request.k
+        self._inbox.put(("add", request, _Subscriber(asyncio.get_running_loop(), events, k)))
         self._wake.set()
         return events
 

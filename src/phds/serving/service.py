@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from phds.dial import moe_layers, sparsity
 from phds.loading import load
 from phds.serving.autok import AutoKPolicy
 from phds.serving.config import ServeConfig, resolve_ks, served_name
@@ -39,7 +40,7 @@ class Job:
     endpoint: str  # "completions" | "chat"
     model: str  # the model name echoed back (as the client sent it)
     prompt_ids: list[int]
-    k: int
+    k: int  # reported to the client; at an allocation, its largest per-layer k
     auto: bool
     max_new_tokens: int
     temperature: float
@@ -50,6 +51,7 @@ class Job:
     stream: bool = False
     include_usage: bool = False
     return_token_ids: bool = False
+    layer_ks: dict[int, int] | None = None  # the server's allocation: what the engine runs instead of `k`
     created: int = field(default_factory=now)
     admitted: bool = False  # holds one of the server's in-flight places (see `Service.admit` / `release`)
 
@@ -83,6 +85,8 @@ class Service:
         max_model_len: prompt plus completion tokens.
         max_batch, max_queue: in-flight requests beyond `max_batch + max_queue` are refused with a 503.
         auto_policy: enables `k: "auto"` (None refuses it).
+        allocation: serve every request at this `{layer_index: k}` (`ServeConfig.allocation`); `ks` must then be
+            `[max(allocation.values())]`, the k responses report. A request naming a k gets a 400.
 
     Example: `service = Service.from_config(ServeConfig(model="tiny:olmoe", k_set=[1, 2, 4]))`.
     """
@@ -100,11 +104,18 @@ class Service:
         max_batch: int,
         max_queue: int,
         auto_policy: AutoKPolicy | None = None,
+        allocation: dict[int, int] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if tokenizer is None:
             raise ValueError("`tokenizer` is required to serve text; the checkpoint has none")
         check_default_k(default_k, ks)
+        if allocation is not None and (auto_policy is not None or ks != [max(allocation.values())]):
+            raise ValueError(
+                f"a Service at `allocation` {allocation} serves ks [{max(allocation.values())}] and no auto k, "
+                f"got ks={ks}, auto_policy={auto_policy!r}"
+            )
+        self.allocation = allocation
         self.model, self.tokenizer, self.runner = model, tokenizer, runner
         self.ks, self.default_k, self.model_name = sorted(ks), default_k, model_name
         self.max_model_len, self.max_batch, self.max_queue = max_model_len, max_batch, max_queue
@@ -133,7 +144,12 @@ class Service:
         model, tokenizer = load(
             config.model, dtype=config.dtype, device=config.device, trust_remote_code=config.trust_remote_code
         )
-        ks, default_k = resolve_ks(model, config.k_set, config.default_k)
+        if config.allocation is not None:
+            _check_allocation(model, config.allocation)
+            ks = [max(config.allocation.values())]
+            default_k = ks[0]
+        else:
+            ks, default_k = resolve_ks(model, config.k_set, config.default_k)
         max_model_len = config.max_model_len or model.config.get_text_config().max_position_embeddings
         engine = Engine(
             model, tokenizer, max_batch_size=config.max_batch, max_seq_len=max_model_len, compile=config.compile
@@ -153,6 +169,7 @@ class Service:
             max_batch=config.max_batch,
             max_queue=config.max_queue,
             auto_policy=policy,
+            allocation=config.allocation,
         )
 
     # ------------------------------------------------------------------------------------------- model listing
@@ -162,6 +179,8 @@ class Service:
         created = now()
         card = dict(created=created, ks=self.ks, max_model_len=self.max_model_len)
         cards = [ModelCard(id=self.model_name, k=self.default_k, **card)]
+        if self.allocation is not None:  # one operating point: no NAME@k entries
+            return ModelList(data=cards)
         cards += [ModelCard(id=f"{self.model_name}@k{k}", k=k, **card) for k in self.ks]
         if self.auto_policy is not None:
             cards.append(ModelCard(id=f"{self.model_name}@{AUTO}", k=AUTO, **card))
@@ -184,6 +203,14 @@ class Service:
                     f"{self.model_name}@auto",
                     "model",
                 )
+        if self.allocation is not None and (from_name is not None or k is not None):
+            named = k if k is not None else from_name
+            raise bad_request(
+                f"`k`={named!r}: this server runs every request at the per-layer allocation {self.allocation} "
+                f"(`phds serve --allocation`); send no `k` and call the model {self.model_name!r} without a suffix",
+                "k",
+                "k_fixed",
+            )
         if from_name is not None and k is not None and from_name != k:
             raise bad_request(f"`k` is {k!r} in the body but {from_name!r} in the model name {model!r}", "k")
         wanted = k if k is not None else from_name
@@ -294,6 +321,7 @@ class Service:
             stream=request.stream,
             include_usage=bool(request.stream_options and request.stream_options.include_usage),
             return_token_ids=request.return_token_ids,
+            layer_ks=self.allocation,
         )
 
     # ------------------------------------------------------------------------------------------- generation
@@ -334,7 +362,8 @@ class Service:
             ignore_eos=job.ignore_eos,
             stop_token_ids=() if job.ignore_eos else self.eos_token_ids,
         )
-        request = Request(request_id=job.request_id, prompt_ids=job.prompt_ids, k=job.k, params=params)
+        k = job.layer_ks if job.layer_ks is not None else job.k
+        request = Request(request_id=job.request_id, prompt_ids=job.prompt_ids, k=k, params=params)
         label = str(job.k)
         if job.auto:
             self.metrics.auto_k_chosen.labels(k=label).inc()
@@ -415,10 +444,23 @@ class Service:
             "model": self.model_name,
             "ks": self.ks,
             "default_k": self.default_k,
+            "allocation": None if self.allocation is None else {str(i): k for i, k in self.allocation.items()},
             "running": self.runner.num_running,
             "in_flight": self.in_flight,
             "queue_depth": self.queue_depth(),
         }
+
+
+def _check_allocation(model, allocation: dict[int, int]) -> None:
+    """Refuse, before serving anything, an allocation the model cannot run (the dial's own checks)."""
+    indices = sorted(layer.index for layer in moe_layers(model))
+    if sorted(allocation) != indices:
+        raise ValueError(
+            f"`allocation` names layers {sorted(allocation)} but the model's MoE layers are {indices}; allocate "
+            "for this model with `phds allocate`"
+        )
+    with sparsity(model, allocation):  # raises ValueError for a k the model cannot take; restores the model
+        pass
 
 
 def _finish_reason(event) -> str:
