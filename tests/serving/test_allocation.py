@@ -126,3 +126,31 @@ def test_the_engine_refuses_a_per_layer_k_that_misses_a_layer(checkpoint):
     engine = Engine(model, None, max_batch_size=2)
     with pytest.raises(ValueError, match=r"must name every MoE layer \[0, 1\], got layers \[0\]"):
         engine.generate([[5, 6]], {0: 1})
+
+
+def test_what_phds_allocate_writes_is_served(checkpoint, reference, tmp_path):
+    from phds.allocation import allocate
+
+    model, tokenizer = phds.load(checkpoint, device="cpu")
+    result = allocate(model, 2.5, [{"text": "abcabc"}, {"text": "hello"}], tokenizer=tokenizer, progress=False)
+    path = save_allocation(result, tmp_path / "alloc.json")
+    served = Service.from_config(ServeConfig(model=checkpoint, allocation=str(path)))
+    served.runner.start()
+    try:
+        prompt_ids = TOK("ab").input_ids
+        request = CompletionRequest(model=MODEL_NAME, prompt=prompt_ids, max_tokens=4, temperature=0, ignore_eos=True)
+        _, outcome = _complete(served, request)
+    finally:
+        served.runner.stop()
+    assert outcome.token_ids == reference(prompt_ids, result.ks, 4)
+
+
+def test_phds_serve_refuses_a_missing_allocation_file_in_one_line(checkpoint, tmp_path):
+    from typer.testing import CliRunner
+
+    from phds.cli import app
+
+    missing = tmp_path / "alloc.json"
+    result = CliRunner().invoke(app, ["serve", checkpoint, "--allocation", str(missing)], env={"COLUMNS": "200"})
+    assert result.exit_code == 2
+    assert f"allocation file not found: {missing}" in result.output
