@@ -129,9 +129,10 @@ def calibration_loss(model: nn.Module, batches: list[tuple[torch.Tensor, torch.T
 # ----------------------------------------------------------------------------- the greedy
 
 
-def _check_int(value: object, name: str, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"`{name}` must be an integer in [{low}, {high}], got {name}={value!r}")
+def _check_int(value: object, name: str, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        allowed = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"`{name}` must be an integer {allowed}, got {name}={value!r}")
     return value
 
 
@@ -178,9 +179,8 @@ def allocate(
 
     Example: `phds.allocation.allocate(model, 3, "calib.jsonl", tokenizer=tok).ks  # {0: 4, 1: 2, ...}`.
     """
-    layers = moe_layers(model) if isinstance(model, nn.Module) else None  # a dense model fails before any work
     model, tokenizer = _resolve_model(model, tokenizer)
-    layers = layers or moe_layers(model)
+    layers = moe_layers(model)  # a dense model fails here, before any work
     if tokenizer is None:
         raise ValueError("`tokenizer` is required to read the calibration data; pass the model's tokenizer")
     num_experts = min(layer.num_experts for layer in layers)
@@ -192,8 +192,8 @@ def allocate(
             f"`budget` must be a mean k in [min_k, start] = [{min_k}, {start}], got budget={budget!r}; "
             "lower `min_k` or raise `start` to widen the range"
         )
-    _check_int(max_length, "max_length", 2, 2**31)
-    _check_int(batch_size, "batch_size", 1, 2**31)
+    _check_int(max_length, "max_length", 2)
+    _check_int(batch_size, "batch_size", 1)
     device = next(model.parameters()).device
     batches = calibration_batches(tokenizer, data, max_length=max_length, batch_size=batch_size, device=device)
 
