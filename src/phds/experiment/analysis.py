@@ -48,8 +48,17 @@ class Evaluations:
         tasks = self.results(arm, seed)["tasks"]
         return tasks[list(tasks)[position]]
 
+    def label(self, arm: str, seed: int, k: int) -> str:
+        """Where an arm's results at k are stored: k itself, or for a policy arm the policy calibrated to budget k."""
+        calibration = self.results(arm, seed).get("calibration")
+        return calibration[str(k)]["policy"] if calibration else str(k)
+
     def columns(self, arm: str, seed: int, position: int, k: int) -> dict[str, list]:
-        return self.task(arm, seed, position)["items"][str(k)]
+        return self.task(arm, seed, position)["items"][self.label(arm, seed, k)]
+
+    def compute(self, arm: str, seed: int, position: int, k: int) -> dict[str, Any]:
+        """What the arm's run used at k on this task: measured experts per token, active parameters, ..."""
+        return self.task(arm, seed, position).get("compute", {}).get(self.label(arm, seed, k), {})
 
 
 def analyse(spec: ExperimentSpec, the_plan, out: Path) -> dict[str, Any]:
@@ -81,12 +90,22 @@ def analyse(spec: ExperimentSpec, the_plan, out: Path) -> dict[str, Any]:
                 "kind": arm.kind,
                 "run": the_plan.run_of_arm[arm.name],
                 "ks": the_plan.ks_of_arm[arm.name],
+                **(
+                    {"policy": arm.policy, "of": arm.of, "calibration": _calibrations(evals, arm.name, spec.seeds)}
+                    if arm.kind == "policy"
+                    else {}
+                ),
             }
             for arm in spec.arms
         ],
         "runs": _runs(spec, the_plan, out),
         "tasks": tasks,
     }
+
+
+def _calibrations(evals: Evaluations, arm: str, seeds: list[int]) -> dict[str, dict[str, Any]]:
+    """Per seed, the policy each budget was calibrated to and the mean it measured on the validation split."""
+    return {str(seed): evals.results(arm, seed)["calibration"] for seed in seeds}
 
 
 def _runs(spec: ExperimentSpec, the_plan, out: Path) -> dict[str, dict[str, Any]]:
@@ -112,7 +131,11 @@ def _analyse_task(spec, the_plan, evals: Evaluations, position: int, reference_t
             for k in the_plan.ks_of_arm[arm.name]
         }
     scores = {
-        arm: {str(k): _score_summary(metric, by_seed) for k, by_seed in by_k.items()} for arm, by_k in ratios.items()
+        arm: {
+            str(k): {**_score_summary(metric, by_seed), "compute": _compute_summary(evals, arm, position, k, by_seed)}
+            for k, by_seed in by_k.items()
+        }
+        for arm, by_k in ratios.items()
     }
     comparisons = []
     reference = ratios[spec.reference]
@@ -138,6 +161,17 @@ def _analyse_task(spec, the_plan, evals: Evaluations, position: int, reference_t
         "scores": scores,
         "comparisons": comparisons,
         "agreement": _agreement(spec, the_plan, evals, position, reference_task["kind"] == "perplexity"),
+    }
+
+
+def _compute_summary(evals: Evaluations, arm: str, position: int, k: int, seeds) -> dict[str, float]:
+    """Mean over seeds of what each run used at k (a policy's experts per token differ by run and task)."""
+    per_seed = [evals.compute(arm, seed, position, k) for seed in seeds]
+    keys = set.intersection(*(set(c) for c in per_seed)) if per_seed else set()
+    return {
+        key: float(np.mean([c[key] for c in per_seed]))
+        for key in sorted(keys)
+        if all(c[key] is not None for c in per_seed)
     }
 
 

@@ -74,6 +74,45 @@ def scores_table(results: dict[str, Any], task_name: str) -> list[str]:
     return lines
 
 
+def ranking_table(results: dict[str, Any], task_name: str) -> list[str]:
+    """Per budget k: every arm ranked by its mean score, with the compute it measured (routed experts per token,
+    active parameters; tokens and seconds per answer for generation) and its run-level verdict against the
+    reference. A policy arm's k is the budget it was calibrated to on the validation split; its measured experts on
+    the task can differ."""
+    task = results["tasks"][task_name]
+    reference = results["reference"]
+    digits = _digits(task["metric"])
+    generation = any(
+        "tokens_per_answer" in s.get("compute", {}) for by_k in task["scores"].values() for s in by_k.values()
+    )
+    extra = " tokens/answer | s/answer |" if generation else ""
+    lines = [
+        f"| k | rank | arm | {task['metric']} | experts/token | active params |{extra} vs {reference} |",
+        "|---|---|---|---|---|---|" + ("---|---|" if generation else "") + "---|",
+    ]
+    verdicts = {(c["k"], c["other"]): c for c in task["comparisons"]}
+    for k in results["ks"]:
+        entries = [(arm, by_k[str(k)]) for arm, by_k in task["scores"].items() if str(k) in by_k]
+        entries.sort(key=lambda e: e[1]["mean"], reverse=task["higher_is_better"])
+        for rank, (arm, score) in enumerate(entries, 1):
+            compute = score.get("compute", {})
+            params = compute.get("active_params")
+            cells = [
+                str(k),
+                str(rank),
+                arm,
+                _num(score["mean"], digits),
+                _num(compute.get("active_experts"), 2),
+                "n/a" if params is None else f"{params:,.0f}",
+            ]
+            if generation:
+                cells += [_num(compute.get("tokens_per_answer"), 1), _num(compute.get("seconds_per_answer"), 3)]
+            c = verdicts.get((k, arm))
+            cells.append("(reference)" if arm == reference else (f"{c['verdict']}" if c else "—"))
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def agreement_table(results: dict[str, Any], task_name: str) -> list[str]:
     """Self-agreement across k per single-checkpoint arm, the reference's paired difference, and the oracles'
     cross-k agreement beside its same-k different-seed floor."""
@@ -154,8 +193,9 @@ def markdown_summary(results: dict[str, Any]) -> list[str]:
 
 
 def plot_frontier(results: dict[str, Any], path: Path) -> Path:
-    """Mean primary metric over seeds vs k, one line per arm (the oracles joined into one line, each at its own
-    k), every seed's run drawn as a dot."""
+    """Mean primary metric over seeds vs the active parameters per token each arm measured (routed experts
+    counted as used, shared experts, attention and embeddings included), one line per arm (the oracles joined into
+    one line, each at its own k), every seed's run drawn as a dot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -166,16 +206,24 @@ def plot_frontier(results: dict[str, Any], path: Path) -> Path:
     lines_of = _frontier_lines(results)
     for ax, name in zip(axes[0], names, strict=True):
         task = results["tasks"][name]
+        measured = all(
+            "active_params" in score.get("compute", {}) for by_k in task["scores"].values() for score in by_k.values()
+        )
+
+        def x_of(arm: str, k: int, task=task, measured=measured) -> float:
+            return task["scores"][arm][str(k)]["compute"]["active_params"] / 1e6 if measured else k
+
         for label, points in lines_of.items():
-            xs = [k for k, _ in points]
+            xs = [x_of(arm, k) for k, arm in points]
             means = [task["scores"][arm][str(k)]["mean"] for k, arm in points]
             (line,) = ax.plot(xs, means, marker="o", label=label)
             for k, arm in points:
                 per_seed = list(task["scores"][arm][str(k)]["per_seed"].values())
-                ax.scatter([k] * len(per_seed), per_seed, s=9, alpha=0.45, color=line.get_color())
+                ax.scatter([x_of(arm, k)] * len(per_seed), per_seed, s=9, alpha=0.45, color=line.get_color())
         ax.set_title(name, fontsize=10)
-        ax.set_xlabel("experts per token k")
-        ax.set_xticks(results["ks"])
+        ax.set_xlabel("active parameters per token, measured (M)" if measured else "experts per token k")
+        if not measured:
+            ax.set_xticks(results["ks"])
         better = "higher" if task["higher_is_better"] else "lower"
         ax.set_ylabel(f"{task['metric']} ({better} is better)")
         if task["metric"] == "ppl":
@@ -223,6 +271,10 @@ def markdown_tables(results: dict[str, Any]) -> str:
             *scores_table(results, name),
             "",
             *agreement_table(results, name),
+            "",
+            "Ranked per budget (mean over seeds; compute as measured on this task):",
+            "",
+            *ranking_table(results, name),
             "",
         ]
     return "\n".join(parts).rstrip() + "\n"

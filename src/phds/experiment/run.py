@@ -6,6 +6,7 @@
                share a run (with the final-step rule, `sft-dialled` IS the oracle at k_pre); with several jobs,
                each job's output goes to OUT/logs/
     eval       each run (and the base model) at every k an arm needs           OUT/eval/{run}/seed{s}/
+               and, for a policy arm, its calibrated policies             OUT/eval/{run}/seed{s}/{arm}/
     analysis   run-level comparisons, verdicts against the declared margin    OUT/results.json, OUT/report.md
 
 Every stage folder holds `stage.json` with the settings it ran with; a re-run reuses a stage whose settings are
@@ -61,6 +62,7 @@ class Evaluation:
     seed: int | None
     tasks: list[str]
     ks: list[int] = field(default_factory=list)
+    policy: str | None = None  # a policy arm's: its ks are budgets (mean experts per token) to calibrate to
 
 
 @dataclass
@@ -83,8 +85,10 @@ def plan(spec: ExperimentSpec, k_pre: int) -> Plan:
     ks_of_arm: dict[str, list[int]] = {}
     validation = spec.checkpoint == "validation"
     for arm in spec.arms:
-        if arm.kind == "phds":
+        if arm.kind in ("phds", "phds-layer"):
             how = dict(ks=arm.ks, anchor_k=arm.anchor_k, anchor_fraction=arm.anchor_fraction)
+            if arm.kind == "phds-layer":
+                how["k_sampling"] = "layer"
             how.update(select_by="mean" if validation else "final", eval_ks=arm.ks)
             ks_of_arm[arm.name] = list(arm.ks)
         elif arm.kind == "oracle":
@@ -94,6 +98,8 @@ def plan(spec: ExperimentSpec, k_pre: int) -> Plan:
             # selected like PHDS: by the mean validation loss over K
             how = dict(fixed_k=k_pre, select_by="mean" if validation else "final", eval_ks=spec.ks)
             ks_of_arm[arm.name] = list(spec.ks)
+        elif arm.kind == "policy":
+            continue  # reuses its `of` arm's runs, below
         else:
             run_of_arm[arm.name] = None
             ks_of_arm[arm.name] = list(spec.ks)
@@ -104,6 +110,16 @@ def plan(spec: ExperimentSpec, k_pre: int) -> Plan:
         else:  # a shared run reports validation loss at every k any of its arms needs
             same.fields["eval_ks"] = sorted(set(same.fields["eval_ks"]) | set(how["eval_ks"]))
         run_of_arm[arm.name] = same.name
+    for arm in spec.arms:
+        if arm.kind == "policy":
+            run_of_arm[arm.name] = run_of_arm[arm.of]
+            budgets = arm.budgets if arm.budgets is not None else [k for k in spec.ks if k < k_pre]
+            if not budgets or max(budgets) > k_pre:
+                raise ValueError(
+                    f"policy arm {arm.name!r}: budgets {budgets} must be non-empty and at most k_pre={k_pre} "
+                    "(a policy keeps at most k_pre experts)"
+                )
+            ks_of_arm[arm.name] = list(budgets)
 
     evaluations: dict[str, Evaluation] = {}
     eval_of: dict[tuple[str, int], str] = {}
@@ -112,9 +128,12 @@ def plan(spec: ExperimentSpec, k_pre: int) -> Plan:
         run = run_of_arm[arm.name]
         for seed in spec.seeds:
             base = "base" if run is None else f"{run}/seed{seed}"
-            folder = base if arm.tasks is None else f"{base}/{arm.name}-tasks"
+            if arm.kind == "policy":
+                folder = f"{base}/{arm.name}"
+            else:
+                folder = base if arm.tasks is None else f"{base}/{arm.name}-tasks"
             evaluation = evaluations.setdefault(
-                folder, Evaluation(folder, run, None if run is None else seed, list(tasks))
+                folder, Evaluation(folder, run, None if run is None else seed, list(tasks), policy=arm.policy)
             )
             evaluation.ks = sorted(set(evaluation.ks) | set(ks_of_arm[arm.name]))
             eval_of[(arm.name, seed)] = folder
@@ -437,10 +456,21 @@ def _pending_evaluations(spec, the_plan, stages, run, seed, model_settings, trai
             "evaluation": spec.evaluation,
             "data": generated,
         }
+        if evaluation.policy is not None:
+            settings.update(policy=evaluation.policy, calibration=CALIBRATION)
         if train is None and stages.done(stage, settings):
             continue
         model = f"runs/{run}/seed{seed}/model" if run is not None else None
-        pending.append(dict(stage=stage, settings=settings, model=model, ks=evaluation.ks, tasks=evaluation.tasks))
+        pending.append(
+            dict(
+                stage=stage,
+                settings=settings,
+                model=model,
+                ks=evaluation.ks,
+                tasks=evaluation.tasks,
+                policy=evaluation.policy,
+            )
+        )
     return pending
 
 
@@ -488,7 +518,7 @@ def _train_one(stages: Stages, spec: dict, *, stage, settings, base, seed, field
     )
 
 
-def _evaluate_one(stages: Stages, spec: dict, *, stage, settings, model, ks, tasks, quiet) -> None:
+def _evaluate_one(stages: Stages, spec: dict, *, stage, settings, model, ks, tasks, policy, quiet) -> None:
     from phds import evaluation
     from phds.loading import load
 
@@ -497,10 +527,45 @@ def _evaluate_one(stages: Stages, spec: dict, *, stage, settings, model, ks, tas
     implementation = options.pop("experts_implementation", None)
     path = stages.out / model if model is not None else _base_path(stages.out, spec)
     loaded = load(path, device=options.pop("device", "cpu"), experts_implementation=implementation)
-    evaluation.evaluate(
-        loaded, ks, tasks, out_dir=folder, latency=options.pop("latency", False), progress=not quiet, **options
+    calibrated = _calibrate(loaded, policy, ks, spec["data"]["valid"], quiet) if policy is not None else None
+    points = [entry["policy"] for entry in calibrated.values()] if calibrated is not None else ks
+    results = evaluation.evaluate(
+        loaded, points, tasks, out_dir=folder, latency=options.pop("latency", False), progress=not quiet, **options
     )
+    if calibrated is not None:
+        # the analysis reads a budget's scores under the label of the policy calibrated to it
+        results["calibration"] = {
+            str(budget): {**entry, "policy": str(entry["policy"])} for budget, entry in calibrated.items()
+        }
+        from phds.evaluation.report import dumps_results
+
+        (folder / "results.json").write_text(dumps_results(results))
     stages.finish(stage, settings)
+
+
+# How a policy arm is calibrated: on the first rows of the validation split, never on evaluation items.
+CALIBRATION = {"rows": 256, "max_length": 128, "tolerance": 0.01}
+
+
+def _calibrate(loaded, policy: str, budgets: list[int], valid: str, quiet: bool) -> dict[int, dict[str, Any]]:
+    from phds.calibration import calibrate, calibration_texts
+
+    model, tokenizer = loaded
+    texts = calibration_texts(valid, tokenizer)[: CALIBRATION["rows"]]
+    calibrated = {}
+    for budget in budgets:
+        result = calibrate(
+            model,
+            policy,
+            target=budget,
+            data=texts,
+            tokenizer=tokenizer,
+            max_length=CALIBRATION["max_length"],
+            tolerance=CALIBRATION["tolerance"],
+            progress=not quiet,
+        )
+        calibrated[budget] = {"policy": result.policy, "target": result.target, "calibration_mean": result.measured}
+    return calibrated
 
 
 def _base_path(out: Path, spec: dict) -> str:

@@ -27,9 +27,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from phds.policies import POLICIES
 from phds.sidecar import check_ks
 
-ARM_KINDS = ("phds", "oracle", "sft-dialled", "base-dialled")
+ARM_KINDS = ("phds", "phds-layer", "oracle", "sft-dialled", "base-dialled", "policy")
+TRAINED_OVER_K = ("phds", "phds-layer")
 CHECKPOINT_RULES = ("final", "validation")
 STATISTICS = ("t", "bootstrap")
 GENERATORS = ("demo", "holdout")
@@ -40,15 +42,21 @@ class Arm:
     """One way of getting a model at each k, trained and evaluated like every other arm except for what defines it.
 
     Attributes:
-        kind: "phds" (one SFT over K with the anchor curriculum), "oracle" (one SFT at a fixed k; a spec's
-            `{kind = "oracle"}` without `k` expands to one arm per k in K), "sft-dialled" (one ordinary SFT at
-            k_pre, dialled to every k) or "base-dialled" (the base model, dialled to every k; not trained).
-        name: unique label (default "phds", "oracle-k{k}", "sft-dialled", "base-dialled").
+        kind: "phds" (one SFT over K with the anchor curriculum), "phds-layer" (the same with a k drawn per MoE layer
+            per step, Matryoshka-MoE style), "oracle" (one SFT at a fixed k; a spec's `{kind = "oracle"}` without
+            `k` expands to one arm per k in K), "sft-dialled" (one ordinary SFT at k_pre, dialled to every k),
+            "base-dialled" (the base model, dialled to every k; not trained) or "policy" (another arm's checkpoints
+            run with a training-free routing policy, calibrated per run to each budget).
+        name: unique label (default "phds", "oracle-k{k}", "sft-dialled", "base-dialled", "{of}+{policy}").
         k: the oracle's k.
         ks: PHDS's declared ks (default the experiment's K).
         anchor_k: PHDS's anchor (default min K); anchor_fraction: share of steps of the anchor curriculum.
         tasks: evaluation tasks for this arm instead of the experiment's, item for item the same (e.g. the base
             model's own prompt format); they must hold as many items as the tasks they replace.
+        of, policy, budgets: a policy arm's checkpoints (the arm whose runs it reuses), its routing policy ("top_p"
+            or "skip") and the mean routed experts per token it is calibrated to (ks of K below k_pre by default),
+            on the validation split; it is compared with the other arms at k = budget, beside the experts it
+            measured on each task.
     """
 
     kind: str
@@ -58,14 +66,29 @@ class Arm:
     anchor_k: int | None = None
     anchor_fraction: float = 0.1
     tasks: list[str] | None = None
+    of: str | None = None
+    policy: str | None = None
+    budgets: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ARM_KINDS:
             raise ValueError(f"arm `kind` must be one of {list(ARM_KINDS)}, got {self.kind!r}")
         if self.k is not None and self.kind != "oracle":
             raise ValueError(f"only an oracle arm takes `k`, got k={self.k} on a {self.kind!r} arm")
-        if (self.ks is not None or self.anchor_k is not None) and self.kind != "phds":
+        if (self.ks is not None or self.anchor_k is not None) and self.kind not in TRAINED_OVER_K:
             raise ValueError(f"only a phds arm takes `ks` / `anchor_k`, got them on a {self.kind!r} arm")
+        if self.kind == "policy":
+            if self.of is None or self.policy not in POLICIES:
+                raise ValueError(
+                    f"a policy arm needs `of` (the arm whose checkpoints it runs) and `policy` (one of "
+                    f"{sorted(POLICIES)}), got of={self.of!r}, policy={self.policy!r}"
+                )
+            if self.tasks is not None:
+                raise ValueError("a policy arm is evaluated on its `of` arm's tasks; drop `tasks`")
+            if self.name is None:
+                self.name = f"{self.of}+{self.policy}"
+        elif self.of is not None or self.policy is not None or self.budgets is not None:
+            raise ValueError(f"only a policy arm takes `of` / `policy` / `budgets`, got them on a {self.kind!r} arm")
         if not 0 <= self.anchor_fraction <= 1:
             raise ValueError(f"arm `anchor_fraction` must be in [0, 1], got {self.anchor_fraction}")
         if self.name is None:
@@ -196,18 +219,38 @@ class ExperimentSpec:
         for arm in self.arms:
             if arm.kind == "oracle" and arm.k not in self.ks:
                 raise ValueError(f"oracle arm {arm.name!r} is at k={arm.k}, which is not in `ks` {self.ks}")
-            if arm.kind == "phds":
+            if arm.kind in TRAINED_OVER_K:
                 arm.ks = check_ks(arm.ks, name=f"arms.{arm.name}.ks") if arm.ks is not None else list(self.ks)
                 if not set(arm.ks) <= set(self.ks):
                     raise ValueError(f"arm {arm.name!r} declares ks {arm.ks} outside the experiment's ks {self.ks}")
                 arm.anchor_k = min(arm.ks) if arm.anchor_k is None else arm.anchor_k
                 if arm.anchor_k not in arm.ks:
                     raise ValueError(f"arm {arm.name!r}: `anchor_k` {arm.anchor_k} is not one of its ks {arm.ks}")
+            if arm.kind == "policy":
+                self._check_policy_arm(arm)
             if arm.tasks is not None and len(arm.tasks) != len(self.data.tasks):
                 raise ValueError(
                     f"arm {arm.name!r} replaces the {len(self.data.tasks)} tasks with {len(arm.tasks)}; "
                     "give one replacement per task"
                 )
+
+    def _check_policy_arm(self, arm: Arm) -> None:
+        of = next((other for other in self.arms if other.name == arm.of), None)
+        if of is None or of.kind in ("policy", "oracle"):
+            raise ValueError(
+                f"policy arm {arm.name!r}: `of` must name a single-checkpoint arm (phds, sft-dialled, base-dialled), "
+                f"got {arm.of!r}"
+            )
+        arm.tasks = of.tasks
+        if arm.budgets is not None:
+            arm.budgets = check_ks(arm.budgets, name=f"arms.{arm.name}.budgets")
+            if not set(arm.budgets) <= set(self.ks):
+                raise ValueError(
+                    f"policy arm {arm.name!r}: `budgets` {arm.budgets} must be among the ks {self.ks}, "
+                    "where the other arms are measured"
+                )
+        if self.data.valid is None:
+            raise ValueError(f"policy arm {arm.name!r} is calibrated on the validation split: set `data.valid`")
 
     def margin_of(self, metric: str) -> float:
         """The declared margin of `metric` (0 where none was declared: then only "better" or "worse" can be told)."""
