@@ -40,7 +40,9 @@ def test_the_default_demo_runs_every_arm_at_three_seeds_with_a_declared_margin(t
     spec = demo_spec(tmp_path)
     assert len(spec.seeds) >= 3 and max(spec.seeds) < 1000  # seeds >= 1000 are for tuning, never reported
     kinds = {arm.kind for arm in spec.arms}
-    assert kinds == {"phds", "oracle", "sft-dialled", "base-dialled"}
+    assert kinds == {"phds", "phds-layer", "oracle", "sft-dialled", "policy", "base-dialled"}
+    policy = next(arm for arm in spec.arms if arm.kind == "policy")
+    assert (policy.of, policy.policy, policy.budgets) == ("sft-dialled", "top_p", [2, 3])
     assert [arm.k for arm in spec.arms if arm.kind == "oracle"] == spec.ks
     assert spec.checkpoint == "final" and spec.margin_of("exact_match") > 0 and spec.margin_of("acc_norm") > 0
     quick = demo_spec(tmp_path, quick=True)
