@@ -32,6 +32,7 @@ _LAZY = {
     "run_demo": "phds.demo",
     "make_demo_data": "phds.demo_data",
     "calibrate": "phds.calibration",
+    "allocate": "phds.allocation",
 }
 
 
