@@ -14,7 +14,8 @@ import torch
 from typer.testing import CliRunner
 
 import phds
-from phds.allocation import Allocation, allocate, calibration_batches, load_allocation, save_allocation
+from phds.allocation import Allocation, allocate, load_allocation, save_allocation
+from phds.calibration_data import calibration_batches, calibration_loss
 from phds.cli import app
 
 FREE_LAYER = 1
@@ -74,7 +75,6 @@ def test_the_mean_k_reaches_the_budget_and_the_trace_accounts_for_every_cut(allo
 
 def test_each_step_keeps_the_cheapest_cut(model, tokenizer, rows, allocation):
     batches = calibration_batches(tokenizer, rows, max_length=1024, batch_size=8, device="cpu")
-    from phds.allocation import calibration_loss
 
     ks = {index: 4 for index in allocation.ks}
     for layer, k, loss in allocation.trace:

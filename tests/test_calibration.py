@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import phds
-from phds.calibration import calibrate, measure_mean_active, token_batches
+from phds.calibration import calibrate, measure_mean_active
+from phds.calibration_data import calibration_batches
 from phds.policies import Skip, TopP
 
 
@@ -38,7 +39,7 @@ def test_calibration_hits_its_target(model, policy, target):
     assert isinstance(result.policy, TopP if policy == "top_p" else Skip)
     assert phds.get_k(model) == 5  # calibration leaves the model as it found it
     # the measured mean is what the policy really does on that data, measured again from scratch
-    batches = token_batches(tokenizer, _texts(0), max_length=256, batch_size=3)
+    batches = calibration_batches(tokenizer, _texts(0), max_length=256, batch_size=3, device="cpu")
     assert measure_mean_active(model, result.policy, batches) == pytest.approx(result.measured, abs=1e-6)
     phds.set_k(model, 6)
 

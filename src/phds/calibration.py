@@ -8,13 +8,13 @@ mean k on another, which is why every evaluation reports the mean it measured, n
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from rich.progress import Progress
 
 from phds import dial
+from phds.calibration_data import Batch, calibration_batches
 from phds.policies import POLICIES, Policy, make_policy
 
 
@@ -35,63 +35,14 @@ class Calibration:
     trace: list[tuple[float, float]] = field(default_factory=list)
 
 
-def calibration_texts(data, tokenizer) -> list[str]:
-    """The texts of a calibration source: a list of strings, or rows as training reads them (a .jsonl/.txt path,
-    a `datasets` Dataset or a list of dicts with `text`, `prompt`+`completion` or chat `messages`).
-
-    Example: `calibration_texts(["The cat sat.", "2+2=4"], tokenizer)`.
-    """
-    if isinstance(data, Sequence) and not isinstance(data, (str, bytes)) and all(isinstance(t, str) for t in data):
-        texts = list(data)
-    else:
-        from phds.training.data import read_rows, select_columns
-
-        rows = select_columns(read_rows(data, what="data"), what="data")
-        texts = [_row_text(row, tokenizer) for row in rows]
-    texts = [text for text in texts if text.strip()]
-    if not texts:
-        raise ValueError("`data` has no text to calibrate on; give a non-empty list of strings or a data file")
-    return texts
-
-
-def _row_text(row: dict, tokenizer) -> str:
-    if "messages" in row:
-        return tokenizer.apply_chat_template(row["messages"], tokenize=False)
-    if "prompt" in row:
-        return row["prompt"] + row["completion"]
-    return row["text"]
-
-
-def token_batches(tokenizer, texts: list[str], *, max_length: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
-    """Right-padded `input_ids` / `attention_mask` batches of the texts, each cut to `max_length` tokens.
-
-    Example: `token_batches(tokenizer, texts, max_length=256, batch_size=8)[0]["input_ids"].shape`.
-    """
-    encoded = [tokenizer(text, add_special_tokens=True).input_ids[:max_length] for text in texts]
-    encoded = [ids for ids in encoded if ids]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = []
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start : start + batch_size]
-        width = max(len(ids) for ids in chunk)
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, ids in enumerate(chunk):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention_mask[row, : len(ids)] = 1
-        batches.append({"input_ids": input_ids, "attention_mask": attention_mask})
-    return batches
-
-
-def measure_mean_active(model, policy, batches: list[dict[str, torch.Tensor]]) -> float:
+def measure_mean_active(model, policy, batches: list[Batch]) -> float:
     """Mean routed experts per real token and MoE layer under `policy`, over `batches` (the model is restored).
 
-    Example: `measure_mean_active(model, TopP(0.7), batches)`.
+    Example: `measure_mean_active(model, TopP(0.7), calibration_batches(tok, rows, ...))`.
     """
-    device = next(model.parameters()).device
     with torch.no_grad(), dial.sparsity(model, policy):
-        for batch in batches:
-            model(**{name: tensor.to(device) for name, tensor in batch.items()})
+        for ids_BS, mask_BS, _ in batches:
+            model(input_ids=ids_BS, attention_mask=mask_BS)
         return dial.mean_active_experts(model)
 
 
@@ -107,6 +58,7 @@ def calibrate(
     max_steps: int = 30,
     max_length: int = 256,
     batch_size: int = 8,
+    max_rows: int | None = None,
     progress: bool = True,
 ) -> Calibration:
     """Find the threshold at which `policy` ("top_p" or "skip") uses `target` routed experts per token on average.
@@ -115,12 +67,13 @@ def calibrate(
         model: a loaded MoE model (dialled back to its previous k afterwards).
         policy: "top_p" (threshold tau) or "skip" (threshold beta).
         target: the mean active routed experts per token wanted, in [1, k_max].
-        data: calibration text (see `calibration_texts`); never the evaluation items.
+        data: calibration rows (`phds.calibration_data.calibration_batches`: a data file, rows or a list of
+            texts); never the evaluation items.
         tokenizer: tokenises `data` (required for text).
         k_max: the most experts a token may use (default: the model's k_pre).
         tolerance: stop when the measured mean is within this of `target`.
         max_steps: bisection steps at most; the closest threshold seen is returned.
-        max_length, batch_size: how the calibration text is cut and batched.
+        max_length, batch_size, max_rows: how the calibration rows are cut, batched and how many are used.
 
     Returns:
         a `Calibration` with the policy, the target and the measured mean.
@@ -134,8 +87,9 @@ def calibrate(
         raise ValueError(f"`target` must be a mean number of experts in [1, k_max={ceiling}], got {target!r}")
     if tokenizer is None:
         raise ValueError("`tokenizer` is required to calibrate on text")
-    batches = token_batches(
-        tokenizer, calibration_texts(data, tokenizer), max_length=max_length, batch_size=batch_size
+    device = next(model.parameters()).device
+    batches = calibration_batches(
+        tokenizer, data, max_length=max_length, batch_size=batch_size, device=device, max_rows=max_rows
     )
     # the mean grows with top_p's tau and shrinks with skip's beta
     rising = policy == "top_p"

@@ -48,7 +48,7 @@ def test_a_policy_reports_what_it_measured_on_that_task_without_padding(run, tin
     )
     # the same sequences the scorer fed (the last continuation token is never fed), one per forward: no padding
     rows = [context + continuation[:-1] for context, continuation in prep.token_requests]
-    batches = [{"input_ids": torch.tensor([row])} for row in rows]
+    batches = [(torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long), None) for row in rows]
     measured = measure_mean_active(model, Skip(0.8), batches)
     assert run["tasks"]["mc"]["compute"]["skip=0.8"]["active_experts"] == pytest.approx(measured, abs=1e-9)
     assert run["tasks"]["simple"]["compute"]["skip=0.8"]["active_experts"] != pytest.approx(measured)

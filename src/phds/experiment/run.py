@@ -548,18 +548,18 @@ CALIBRATION = {"rows": 256, "max_length": 128, "tolerance": 0.01}
 
 
 def _calibrate(loaded, policy: str, budgets: list[int], valid: str, quiet: bool) -> dict[int, dict[str, Any]]:
-    from phds.calibration import calibrate, calibration_texts
+    from phds.calibration import calibrate
 
     model, tokenizer = loaded
-    texts = calibration_texts(valid, tokenizer)[: CALIBRATION["rows"]]
     calibrated = {}
     for budget in budgets:
         result = calibrate(
             model,
             policy,
             target=budget,
-            data=texts,
+            data=valid,
             tokenizer=tokenizer,
+            max_rows=CALIBRATION["rows"],
             max_length=CALIBRATION["max_length"],
             tolerance=CALIBRATION["tolerance"],
             progress=not quiet,
