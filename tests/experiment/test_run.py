@@ -176,3 +176,18 @@ def test_the_small_real_spec_runs_on_the_shared_data(shared_data, tmp_path, monk
     assert set(result.results["tasks"]) == {"shakespeare", "wikitext2_test"}
     assert result.results["tasks"]["shakespeare"]["metric"] == "ppl"
     assert all(c["verdict"] for c in result.results["tasks"]["shakespeare"]["comparisons"])
+
+
+def test_a_failed_invocation_still_counts_in_the_compute_time(tmp_path, monkeypatch):
+    import phds.experiment.run as run_module
+
+    def fail_after_some_work(*args, **kwargs):
+        raise RuntimeError("a job failed")
+
+    monkeypatch.setattr(run_module, "_train_and_evaluate", fail_after_some_work)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="a job failed"):
+        run_experiment(load_spec(write_spec(tmp_path), out), out, say=lambda _: None, command="first")
+    timing = json.loads((out / "timing.json").read_text())
+    assert [entry["command"] for entry in timing["invocations"]] == ["first"]
+    assert timing["invocations"][0]["failed"] is True and timing["invocations"][0]["minutes"] >= 0

@@ -258,6 +258,10 @@ def run_experiment(
         the_plan = plan(spec, _k_pre(base_dir))
         torch.set_num_threads(per_job_threads)
         _train_and_evaluate(spec, the_plan, out, base_dir, base_settings, stages, say, jobs, per_job_threads)
+    except BaseException:
+        # the stages it finished are kept and reused, so what they cost counts too
+        _add_compute_time(out, time.perf_counter() - started, command, failed=True)
+        raise
     finally:
         torch.set_num_threads(previous_threads)
     say("[bold]analysis[/]: run-level comparisons against the declared margins")
@@ -582,13 +586,15 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-def _add_compute_time(out: Path, seconds: float, command: str | None) -> float:
-    """Wall minutes of every invocation that ran a stage, summed in OUT/timing.json (a re-analysis adds nothing),
-    so the results say what computing them cost, not what the last re-run cost."""
+def _add_compute_time(out: Path, seconds: float, command: str | None, failed: bool = False) -> float:
+    """Wall minutes of every invocation that ran a stage, summed in OUT/timing.json (a re-analysis adds nothing; a
+    failed invocation counts, since the stages it finished are reused), so the results say what computing them cost,
+    not what the last re-run cost."""
     path = out / "timing.json"
     timing = json.loads(path.read_text()) if path.is_file() else {"invocations": []}
     if seconds:
-        timing["invocations"].append({"command": command, "minutes": round(seconds / 60, 2)})
+        entry = {"command": command, "minutes": round(seconds / 60, 2)}
+        timing["invocations"].append({**entry, "failed": True} if failed else entry)
         path.write_text(json.dumps(timing, indent=1) + "\n")
     return round(sum(entry["minutes"] for entry in timing["invocations"]), 2)
 
