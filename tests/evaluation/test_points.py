@@ -66,3 +66,18 @@ def test_a_bad_point_is_refused_before_any_forward(tiny, task_dir):
     with pytest.raises(ValueError, match="not MoE layers"):
         evaluate(tiny, [2, {7: 1}], [str(task_dir / "mc.jsonl")], latency=False, progress=False)
     assert dial.get_k(tiny[0]) == 4
+
+
+def test_an_allocation_file_is_an_operating_point(tmp_path, tiny, task_dir):
+    from phds.allocation import Allocation, save_allocation
+
+    path = tmp_path / "alloc.json"
+    save_allocation(Allocation(ks={0: 1, 1: 3}, budget=2.0, mean_k=2.0, loss_start=1.0, loss_end=1.2), path)
+    point = parse_point(str(path))
+    assert point == {0: 1, 1: 3} and parse_points(f"2;{path}") == [2, {0: 1, 1: 3}]
+    results = evaluate(
+        tiny, [point], [str(task_dir / "mc.jsonl")], latency=False, progress=False, out_dir=tmp_path / "o"
+    )
+    assert results["points"] == ["layers=0:1,1:3"] and results["ks"] == []
+    assert results["tasks"]["mc"]["compute"]["layers=0:1,1:3"]["active_experts"] == 2.0
+    assert "| layers=0:1,1:3 |" in (tmp_path / "o" / "report.md").read_text()

@@ -58,11 +58,21 @@ def markdown_report(results: dict[str, Any]) -> str:
             + ")",
             "",
         ]
-        rows = [
-            [k, f"{results['active_params'][k]:,}"] + [fmt(task["metrics"][k][m], m) for m in metrics]
-            for k in task["metrics"]
-        ]
-        lines += _table(["k", "active params"] + metrics, rows) + [""]
+        compute = task.get("compute", {})
+        generation = any("tokens_per_answer" in c for c in compute.values())
+        rows = []
+        for k in task["metrics"]:
+            used = compute.get(k, {})
+            row = [
+                k,
+                _count(used.get("active_params", results["active_params"][k])),
+                _count(used.get("active_experts"), 2),
+            ]
+            if generation:
+                row += [_count(used.get("tokens_per_answer"), 1), _count(used.get("seconds_per_answer"), 3)]
+            rows.append(row + [fmt(task["metrics"][k][m], m) for m in metrics])
+        header = ["k", "active params", "experts/token"] + (["tokens/answer", "s/answer"] if generation else [])
+        lines += _table(header + metrics, rows) + [""]
         agreement = task["agreement"]
         what = (
             "share of positions whose top-1 next token agrees"
@@ -90,6 +100,13 @@ def markdown_report(results: dict[str, Any]) -> str:
         ) + [""]
     lines += ["versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()), ""]
     return "\n".join(lines)
+
+
+def _count(value, digits: int = 0) -> str:
+    """A measured quantity for a table: thousands separators for parameter counts, n/a when not measured."""
+    if value is None:
+        return "n/a"
+    return f"{value:,.0f}" if digits == 0 else f"{value:.{digits}f}"
 
 
 def _pyplot():
@@ -128,7 +145,9 @@ def plot_frontier(
                     continue
                 ks = list(task["metrics"])
                 if col == 0:
-                    xs = [results["active_params"][k] / 1e6 for k in ks]
+                    # what each point used on this task (a policy's differs by task), else the per-k count
+                    used = task.get("compute", {})
+                    xs = [used.get(k, {}).get("active_params", results["active_params"][k]) / 1e6 for k in ks]
                 else:
                     if not results["latency"]:
                         continue
