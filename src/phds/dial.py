@@ -14,12 +14,31 @@ How a k is applied:
   each token's k from the router's own probabilities and weights (`phds.policies`), and counts the experts it kept
   (`active_experts`), padding excluded.
 
+What a router returns is read off probe forwards at `top_k` 1 and 2 (`_Layout`), not from its class: (logits,
+top-k weights, top-k indices) in any order (most families); a weight per expert, 0 where not chosen, beside the logits
+(Llama 4); or the chosen slots sorted by expert, flat (JetMoE). A router handed more than hidden states gets them
+from its block by name (AFMoE's `expert_bias`). Modules above a router that keep a copy of its `top_k` (Mixtral's
+block, JetMoE's attention, which repeats its keys `top_k` times) are set with it.
+
+Rules where transformers' own code does not follow k:
+- a router that picks a fixed number of slots whatever `top_k` says (PhiMoE's sparsemixer: 2) has that width as
+  k_pre. Below it, each token keeps its first k slots (in the order picked) with the weights the router gave them
+  (no renormalisation: each slot's weight is its own softmax). Above it, the dial continues the router's own
+  slot-by-slot rule: the next slot is the best expert not taken yet, weighted by the softmax, over the experts not
+  taken yet whose logit lies within a relative `2 * router_jitter_noise` of its logit, taken at that expert. The
+  rule is checked at registration against the router's own slots (in eval mode); a fixed-width router it does not
+  reproduce cannot be dialled above its width.
+- bias-corrected routers (DeepSeek-V3, AFMoE) choose by sigmoid(logits) + bias (`_choice_bias`), the one per-family
+  fact the dial holds.
+
 The dial's state lives on the router modules (`_phds_*` attributes) and is restored by `sparsity()`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
 import logging
 import numbers
 import re
@@ -59,6 +78,8 @@ class MoELayer:
         renormalizes: whether the router rescales its top-k weights to a fixed sum (Mixtral, GPT-OSS, Qwen3-MoE,
             DeepSeek-V3 with `norm_topk_prob`); OLMoE and Qwen1.5-MoE do not.
         shared_experts: always-on experts of the block (Qwen2-MoE's `shared_expert`, DeepSeek's `shared_experts`).
+        top_k_copies: modules above the router that keep their own copy of its `top_k` (Mixtral's block, JetMoE's
+            attention and its experts), set with it.
     """
 
     index: int
@@ -70,6 +91,7 @@ class MoELayer:
     k_pre: int
     renormalizes: bool
     shared_experts: tuple[nn.Module, ...]
+    top_k_copies: tuple[nn.Module, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -237,7 +259,11 @@ def _read_layout(outputs: list[tuple], num_tokens: int, num_experts: int) -> _La
     out1, out2 = outputs[0], outputs[-1]
 
     def floats(out, numel):
-        return [i for i, t in enumerate(out) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() == numel]
+        return [
+            i
+            for i, t in enumerate(out)
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() == numel
+        ]
 
     def ints(out):
         return [i for i, t in enumerate(out) if isinstance(t, torch.Tensor) and not t.is_floating_point()]
@@ -273,7 +299,9 @@ def _read_layout(outputs: list[tuple], num_tokens: int, num_experts: int) -> _La
         sizes = [
             i
             for i, s in enumerate(out2)
-            if isinstance(s, (list, tuple, torch.Tensor)) and len(s) == num_experts and sum(int(n) for n in s) == k * num_tokens
+            if isinstance(s, (list, tuple, torch.Tensor))
+            and len(s) == num_experts
+            and sum(int(n) for n in s) == k * num_tokens
         ]
         if tokens and gates and sizes and per_expert2:
             return _Layout("sorted", (o, tokens[0], gates[0], sizes[0], per_expert2[0]))
@@ -391,6 +419,22 @@ def _watch_attention_mask(model: nn.Module, routers: list[nn.Module]) -> None:
             router._phds_token_mask_of = model._phds_token_mask
 
 
+def _top_k_copies(modules: dict[str, nn.Module], router_name: str) -> tuple[nn.Module, ...]:
+    """Ancestors of the router holding an int `top_k` equal to its own: copies the forward reads (JetMoE's attention
+    repeats its keys `top_k` times)."""
+    top_k = modules[router_name].top_k
+    parts = router_name.split(".")
+    ancestors = (modules.get(".".join(parts[:i])) for i in range(1, len(parts)))
+    return tuple(
+        module
+        for module in ancestors
+        if module is not None
+        and isinstance(module.__dict__.get("top_k"), int)
+        and not isinstance(module.__dict__.get("top_k"), bool)
+        and module.__dict__["top_k"] == top_k
+    )
+
+
 def moe_layers(model: nn.Module) -> list[MoELayer]:
     """The MoE layers of `model`, in layer order.
 
@@ -413,7 +457,7 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
         if experts is None:
             continue
         num_experts = int(getattr(module, "num_experts", None) or _router_weight(module).shape[0])
-        _register(module, num_experts)
+        _register(module, num_experts, block)
         match = _LAYER_INDEX.search(name)
         shared = tuple(
             child
@@ -431,6 +475,7 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
                 k_pre=module._phds_k_pre,
                 renormalizes=module._phds_renormalizes,
                 shared_experts=shared,
+                top_k_copies=_top_k_copies(modules, name),
             )
         )
     if not layers:
@@ -448,38 +493,53 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
 # ----------------------------------------------------------------------------- the hook
 
 
-def _selection_score(router: nn.Module, logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """The score each chosen slot was picked by, gathered at the chosen slots (T, K)."""
-    logits = logits.reshape(-1, logits.shape[-1]).float()
-    indices = indices.reshape(-1, indices.shape[-1])
+def _choice_bias(router: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The one per-family fact the dial holds: bias-corrected routers choose experts by sigmoid(logits) + a
+    per-expert bias and weigh them by sigmoid(logits) alone. The bias is the router's own (DeepSeek-V3's
+    `e_score_correction_bias`) or handed to it by its block (AFMoE's `expert_bias`)."""
     bias = getattr(router, "e_score_correction_bias", None)
     if isinstance(bias, torch.Tensor):
-        # DeepSeek-V3 style: experts are chosen by sigmoid(logits) + bias, weighted by sigmoid(logits) alone.
-        return (logits.sigmoid() + bias.float()).gather(-1, indices)
-    return logits.gather(-1, indices)  # softmax / sigmoid / logit routers are all monotone in the logits
+        return bias
+    handed = dict(zip(router._phds_layout.extra_args, args[1:], strict=False)) | kwargs
+    bias = handed.get("expert_bias")
+    return bias if isinstance(bias, torch.Tensor) else None
 
 
-def _drop_slots_hook(router: nn.Module, args: tuple, output: tuple) -> tuple | None:
+def _selection_score(router: nn.Module, args: tuple, kwargs: dict, logits_TE, indices_TK) -> torch.Tensor:
+    """The score each chosen slot was picked by, gathered at the chosen slots (T, K)."""
+    if router._phds_layout.width is not None:
+        # A fixed-width router picks slot by slot (sampling while training): its slots are in the order picked.
+        order_K = torch.arange(indices_TK.shape[-1], 0, -1, device=indices_TK.device, dtype=torch.float32)
+        return order_K.expand(indices_TK.shape)
+    logits_TE = logits_TE.float()
+    bias = _choice_bias(router, args, kwargs)
+    if bias is not None:
+        return (logits_TE.sigmoid() + bias.float()).gather(-1, indices_TK)
+    return logits_TE.gather(-1, indices_TK)  # softmax / sigmoid / logit routers are all monotone in the logits
+
+
+def _drop_slots_hook(router: nn.Module, args: tuple, kwargs: dict, output: tuple) -> tuple | None:
     plan: _Plan = router._phds_plan
-    if _is_native(plan, router._phds_renormalizes):
+    if _is_native(plan, router):
         return None
-    logits_pos, weights_pos, indices_pos = router._phds_positions
-    weights, indices = output[weights_pos], output[indices_pos]
-    weights_TK = weights.reshape(-1, weights.shape[-1])
-    selection_TK = _selection_score(router, output[logits_pos], indices)
+    layout: _Layout = router._phds_layout
+    logits_TE, weights_TK, indices_TK = _read_routing(layout, output, router.top_k)
+    if layout.width is not None and router.top_k > weights_TK.shape[-1]:
+        weights_TK, indices_TK = _pick_slot_by_slot(
+            logits_TE, weights_TK, indices_TK, router.top_k, _slot_threshold(router)
+        )
+    selection_TK = _selection_score(router, args, kwargs, logits_TE, indices_TK)
     num_tokens = weights_TK.shape[0]
     if isinstance(plan.k, (TopP, Skip)):
-        k_T = _policy_counts(plan.k, output[logits_pos], indices, weights_TK, selection_TK)
+        k_T = _policy_counts(plan.k, logits_TE, indices_TK, weights_TK, selection_TK)
         _count_kept(router, k_T)
     elif isinstance(plan.k, torch.Tensor):
-        k_T = expand_k_per_token(plan.k.to(indices.device), num_tokens)
+        k_T = expand_k_per_token(plan.k.to(indices_TK.device), num_tokens)
     else:
-        k_T = torch.full((num_tokens,), plan.k, device=indices.device)
+        k_T = torch.full((num_tokens,), plan.k, device=indices_TK.device)
     renormalize = router._phds_renormalizes if plan.renormalize is None else plan.renormalize
     new_weights = keep_top_slots(weights_TK, selection_TK, k_T, renormalize=renormalize, epsilon=plan.epsilon)
-    output = list(output)
-    output[weights_pos] = new_weights.to(weights.dtype).reshape(weights.shape)
-    return tuple(output)
+    return _write_routing(layout, output, new_weights, indices_TK)
 
 
 def _policy_counts(policy, logits, indices, weights_TK, selection_TK) -> torch.Tensor:
@@ -505,12 +565,15 @@ def _count_kept(router: nn.Module, k_T: torch.Tensor) -> None:
     router._phds_kept = (kept.detach(), tokens.detach())
 
 
-def _is_native(plan: _Plan, renormalizes: bool) -> bool:
-    """True when setting the router's own top_k reproduces the plan exactly (the fast, hook-free path)."""
+def _is_native(plan: _Plan, router: nn.Module) -> bool:
+    """True when setting the router's own top_k reproduces the plan exactly (the fast, hook-free path): an int k
+    the router follows (a fixed-width router only at its width), no epsilon, no renormalisation override."""
+    width = router._phds_layout.width
     return (
         isinstance(plan.k, int)
         and plan.epsilon == 0.0
-        and (plan.renormalize is None or plan.renormalize == renormalizes)
+        and (plan.renormalize is None or plan.renormalize == router._phds_renormalizes)
+        and (width is None or plan.k == width)
     )
 
 
@@ -521,9 +584,11 @@ def _k_max(k: int | torch.Tensor | TopP | Skip, k_pre: int) -> int:
     return int(k.max()) if isinstance(k, torch.Tensor) else k
 
 
-def _routed_k(plan: _Plan, k_pre: int, renormalizes: bool) -> int:
-    """How many slots the router itself must pick for the hook to carve `plan` out of them."""
-    if _is_native(plan, renormalizes):
+def _routed_k(plan: _Plan, router: nn.Module) -> int:
+    """How many slots the router itself must pick for the hook to carve `plan` out of them (a fixed-width router
+    picks its width whatever this says; the hook continues it beyond)."""
+    k_pre = router._phds_k_pre
+    if _is_native(plan, router):
         return plan.k
     k_max = _k_max(plan.k, k_pre)
     if plan.epsilon or plan.renormalize is not None:
@@ -534,11 +599,22 @@ def _routed_k(plan: _Plan, k_pre: int, renormalizes: bool) -> int:
 # ----------------------------------------------------------------------------- validation
 
 
+def _most_experts(layers: list[MoELayer]) -> int:
+    """The largest k every layer can give: its number of experts, or the width of a fixed-width router whose rule
+    the dial cannot continue (one that does not pick slot by slot)."""
+    limits = []
+    for layer in layers:
+        layout = layer.router._phds_layout
+        fixed = layout.width is not None and not layout.slot_by_slot
+        limits.append(layout.width if fixed else layer.num_experts)
+    return min(limits)
+
+
 def _check_int(k: object, what: str, layers: list[MoELayer]) -> int:
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise ValueError(f"`k` must be an integer number of experts per token, got {what}={k!r}")
     k = int(k)
-    max_experts = min(layer.num_experts for layer in layers)
+    max_experts = _most_experts(layers)
     if not 1 <= k <= max_experts:
         raise ValueError(f"`k` must be between 1 and the number of experts ({max_experts}), got {what}={k}")
     return k
@@ -552,7 +628,7 @@ def _check_tensor(k: torch.Tensor, layers: list[MoELayer]) -> torch.Tensor:
             f"a tensor `k` must have shape (batch,) for a k per row or (batch, seq) for a k per token, "
             f"got shape {tuple(k.shape)}"
         )
-    max_experts = min(layer.num_experts for layer in layers)
+    max_experts = _most_experts(layers)
     low, high = int(k.min()), int(k.max())
     if low < 1 or high > max_experts:
         raise ValueError(
@@ -563,7 +639,7 @@ def _check_tensor(k: torch.Tensor, layers: list[MoELayer]) -> torch.Tensor:
 
 
 def _check_policy(policy: TopP | Skip, what: str, layers: list[MoELayer]) -> TopP | Skip:
-    max_experts = min(layer.num_experts for layer in layers)
+    max_experts = _most_experts(layers)
     if policy.k_max is not None and policy.k_max > max_experts:
         raise ValueError(
             f"`k_max` of a routing policy must be at most the number of experts ({max_experts}), got {what}={policy}"
@@ -612,9 +688,9 @@ def _apply(model: nn.Module, layers: list[MoELayer], plans: dict[int, _Plan]) ->
         plan = plans[id(layer.router)]
         layer.router._phds_plan = plan
         layer.router._phds_kept = None
-        layer.router.top_k = min(_routed_k(plan, layer.k_pre, layer.renormalizes), layer.num_experts)
-        if isinstance(getattr(layer.block, "top_k", None), int):
-            layer.block.top_k = layer.router.top_k  # Mixtral's block keeps a copy
+        layer.router.top_k = min(_routed_k(plan, layer.router), layer.num_experts)
+        for module in layer.top_k_copies:
+            module.top_k = layer.router.top_k
     _sync_config(model, layers)
 
 
@@ -701,17 +777,22 @@ def active_experts(model: nn.Module) -> dict[int, float | None]:
 
     Example: `phds.set_k(model, phds.TopP(0.7)); model(**batch); phds.active_experts(model)  # {0: 2.3, 1: 3.1}`.
     """
-    means: dict[int, float | None] = {}
+    per_router: dict[int, list[float | None]] = {}
     for layer in moe_layers(model):
         plan = layer.router._phds_plan
         if isinstance(plan.k, (TopP, Skip)):
             kept = layer.router._phds_kept
-            means[layer.index] = float(kept[0] / kept[1]) if kept is not None and float(kept[1]) > 0 else None
+            mean = float(kept[0] / kept[1]) if kept is not None and float(kept[1]) > 0 else None
         elif isinstance(plan.k, torch.Tensor):
-            means[layer.index] = float(plan.k.float().mean())
+            mean = float(plan.k.float().mean())
         else:
-            means[layer.index] = float(plan.k)
-    return means
+            mean = float(plan.k)
+        per_router.setdefault(layer.index, []).append(mean)
+    # A decoder layer with two routed parts (JetMoE's attention and MLP) reports the mean of the two.
+    return {
+        index: None if None in means else sum(means) / len(means)  # type: ignore[arg-type]
+        for index, means in per_router.items()
+    }
 
 
 def mean_active_experts(model: nn.Module) -> float | None:
@@ -756,6 +837,20 @@ def num_experts(model: nn.Module) -> int:
     return min(layer.num_experts for layer in moe_layers(model))
 
 
+def _routed_expert_parameters(layer: MoELayer) -> int:
+    """Parameters of the layer's routed experts: its experts module, or every stacked (3-D) expert module of the
+    block when the experts are split (JetMoE's input and output projections)."""
+    stacked = [
+        child
+        for name, child in layer.block.named_children()
+        if child is not layer.router
+        and "shared" not in name
+        and any(p.dim() == 3 for p in _unwrap_adapters(child).parameters(recurse=False))
+    ]
+    modules = stacked if len(stacked) > 1 else [layer.experts]
+    return sum(p.numel() for module in modules for p in module.parameters())
+
+
 def active_parameters(model: nn.Module, k: float | Mapping[int, float]) -> float:
     """Parameters one token touches at `k`: everything except the routed experts it does not use.
 
@@ -769,7 +864,7 @@ def active_parameters(model: nn.Module, k: float | Mapping[int, float]) -> float
     total = sum(p.numel() for p in model.parameters())
     inactive = 0.0
     for layer in layers:
-        per_expert = sum(p.numel() for p in layer.experts.parameters()) // layer.num_experts
+        per_expert = _routed_expert_parameters(layer) // layer.num_experts
         layer_k = k[layer.index] if isinstance(k, Mapping) else k
         inactive += per_expert * (layer.num_experts - min(layer_k, layer.num_experts))
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None

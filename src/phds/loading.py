@@ -220,6 +220,12 @@ def load(
         model.to(device).eval()
         sidecar = read_sidecar(path, model=model) if path.is_dir() else None
         tok = _load_tokenizer(name, **kwargs) if tokenizer else None
+    if experts_implementation is not None and not model._can_set_experts_implementation():
+        # transformers ignores the request silently on these (Llama 4, JetMoE): say so instead.
+        raise ValueError(
+            f"`experts_implementation`={experts_implementation!r} needs experts that use transformers' experts "
+            f"interface, which {type(model).__name__}'s do not; leave it unset (the family's own experts then run)"
+        )
     attach_sidecar(model, sidecar)
     dial.moe_layers(model)  # registers k_pre before anything is dialled; raises for a dense model
     target = k if k is not None else (sidecar.default_k if sidecar is not None else None)

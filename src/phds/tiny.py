@@ -1,7 +1,7 @@
 """Tiny random-initialised MoE models of every supported family, for tests, examples and the demo.
 
 Each family gets a config of a few tens of thousands of parameters: 2 decoder layers, hidden 32, 8 experts, top-4
-(override any field through `**overrides`). No network: configs are built, weights are random from `seed`.
+(top-1 for Llama 4 and top-2 for PhiMoE, as released; override any field through `**overrides`). No network: configs are built, weights are random from `seed`.
 """
 
 from __future__ import annotations
@@ -51,6 +51,33 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         ),
     ),
+    # Llama 4 routes top-1 (sigmoid of the chosen logit) beside an always-on shared expert: k_pre 1, as released.
+    "llama4": (
+        "Llama4TextConfig",
+        dict(num_local_experts=8, num_experts_per_tok=1, intermediate_size=32, intermediate_size_mlp=64, head_dim=8),
+    ),
+    # PhiMoE's sparsemixer always picks 2 experts, whatever num_experts_per_tok says: k_pre 2, as released. A wide
+    # jitter threshold (released: 0.01) so that a slot's softmax spans several experts and its weight is not 1.
+    "phimoe": (
+        "PhimoeConfig",
+        dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32, router_jitter_noise=0.25),
+    ),
+    # JetMoE routes both its attention (query/output projections) and its MLP through top-k experts.
+    "jetmoe": ("JetMoeConfig", dict(num_local_experts=8, intermediate_size=32, kv_channels=8)),
+    "afmoe": (
+        "AfmoeConfig",
+        dict(
+            num_experts=8,
+            num_shared_experts=1,
+            num_dense_layers=0,
+            intermediate_size=64,
+            moe_intermediate_size=32,
+            route_scale=2.5,
+            head_dim=8,
+            sliding_window=16,
+            global_attn_every_n_layers=2,
+        ),
+    ),
 }
 
 FAMILIES = tuple(TINY_CONFIGS)
@@ -86,7 +113,8 @@ def tiny_model(arch: str = "olmoe", *, seed: int = 0, dtype: torch.dtype = torch
     """A tiny random `arch` MoE for causal LM (`AutoModelForCausalLM.from_config`), in eval mode.
 
     Args:
-        arch: one of `phds.tiny.FAMILIES`: olmoe, qwen2_moe, qwen3_moe, mixtral, deepseek_v3, gpt_oss.
+        arch: one of `phds.tiny.FAMILIES`: olmoe, qwen2_moe, qwen3_moe, mixtral, deepseek_v3, gpt_oss, llama4 (k_pre 1),
+            phimoe (k_pre 2), jetmoe, afmoe.
         seed: weights are a pure function of `arch`, `seed` and `overrides`.
         dtype: parameter dtype.
         **overrides: config fields, e.g. `num_experts_per_tok=2`, `num_hidden_layers=4`.
@@ -96,13 +124,16 @@ def tiny_model(arch: str = "olmoe", *, seed: int = 0, dtype: torch.dtype = torch
     config = tiny_config(arch, **overrides)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    if arch == "deepseek_v3":
-        # DeepSeek's load-balancing bias is zero at init; give it values so the tests exercise bias-corrected
-        # selection (chosen by sigmoid + bias, weighted by sigmoid alone).
-        generator = torch.Generator().manual_seed(seed)
-        for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.1)
+    # DeepSeek-V3's and AFMoE's load-balancing biases are zero at init; give them values so the tests exercise
+    # bias-corrected selection (chosen by sigmoid + bias, weighted by sigmoid alone).
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in [*model.named_buffers(), *model.named_parameters()]:
+            if name.endswith(("e_score_correction_bias", "expert_bias")):
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.1)
+            elif name.endswith("router.gate.weight") and not tensor.any():
+                # AFMoE initialises its router at zero (every token would route alike): draw it like the others.
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * config.initializer_range)
     return model.eval()
 
 

@@ -9,8 +9,20 @@ import phds
 import phds.engine  # noqa: F401  registers "phds"
 from phds.engine import experts as experts_module
 
+# Families whose experts do not use transformers' experts interface (no `@use_experts_implementation`): the phds
+# implementation cannot be set on them (see test_families_without_the_experts_interface_refuse_phds_in_one_line).
+NO_EXPERTS_INTERFACE = ("llama4", "jetmoe")
+
+
+def _seeded(model, *args, **kwargs):
+    """A forward after seeding: PhiMoE's router samples its experts in training mode, the same draws for both."""
+    torch.manual_seed(0)
+    return model(*args, **kwargs)
+
 
 def _pair(arch: str, k) -> tuple[torch.nn.Module, torch.nn.Module]:
+    if arch in NO_EXPERTS_INTERFACE:
+        pytest.skip(f"{arch}'s experts do not use transformers' experts interface: no phds implementation")
     eager = phds.tiny_model(arch)
     eager.set_experts_implementation("eager")
     sparse = phds.tiny_model(arch)
@@ -28,8 +40,8 @@ def test_phds_experts_match_eager_forward_and_backward(arch, k, input_ids):
     elif k == "per_token":
         k = torch.randint(1, 5, input_ids.shape, generator=torch.Generator().manual_seed(1))
     eager, sparse = _pair(arch, k)
-    loss_eager = eager(input_ids, labels=input_ids).loss
-    loss_sparse = sparse(input_ids, labels=input_ids).loss
+    loss_eager = _seeded(eager, input_ids, labels=input_ids).loss
+    loss_sparse = _seeded(sparse, input_ids, labels=input_ids).loss
     loss_eager.backward()
     loss_sparse.backward()
     torch.testing.assert_close(loss_sparse, loss_eager, rtol=1e-5, atol=1e-6)
@@ -43,7 +55,7 @@ def test_phds_experts_match_eager_forward_and_backward(arch, k, input_ids):
 def test_single_token_decode_path_matches_eager(arch):
     eager, sparse = _pair(arch, torch.tensor([1, 4]))
     token = torch.tensor([[5], [9]])
-    torch.testing.assert_close(sparse(token).logits, eager(token).logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_seeded(sparse, token).logits, _seeded(eager, token).logits, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -138,3 +150,14 @@ def test_registration_is_idempotent_and_load_accepts_phds():  # load imports phd
     phds.engine.register()
     model, _ = phds.load("tiny:olmoe", experts_implementation="phds", tokenizer=False)
     assert model.config._experts_implementation == "phds"
+
+
+@pytest.mark.parametrize("arch_name", NO_EXPERTS_INTERFACE)
+def test_families_without_the_experts_interface_refuse_phds_in_one_line(arch_name):
+    """Llama 4 runs every expert densely on pre-scaled inputs and JetMoE's experts are split projections: neither
+    takes transformers' experts interface (which would ignore the request silently), so `phds.load` refuses
+    `experts_implementation="phds"` in one line. The dial and the engine still work on them, with the family's own
+    experts (dropped slots weigh 0)."""
+    with pytest.raises(ValueError, match="`experts_implementation`='phds' needs experts that use transformers'") as e:
+        phds.load(f"tiny:{arch_name}", experts_implementation="phds", tokenizer=False)
+    assert "\n" not in str(e.value)

@@ -44,7 +44,9 @@ def linear(x_nD: torch.Tensor, weight_OD: torch.Tensor, bias_O: torch.Tensor | N
     # The input transposed, strides (1, D): a (D, 1) column with strides (1, 1) sends bmm down a path 5x slower.
     x_DN = x_nD.reshape(rows, in_dim).t()
     out_BON = torch.bmm(weight_OD.view(blocks, out_dim // blocks, in_dim), x_DN.expand(blocks, in_dim, rows))
-    out = out_BON.permute(2, 0, 1).reshape(*x_nD.shape[:-1], out_dim)  # a view for one row, a small copy for more
+    # A view for one row, a small copy for more: contiguous either way (Llama 4's rotary embedding views its queries
+    # as complex numbers, which needs the last dimension dense).
+    out = out_BON.permute(2, 0, 1).reshape(*x_nD.shape[:-1], out_dim).contiguous()
     return out if bias_O is None else out + bias_O
 
 

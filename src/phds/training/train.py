@@ -136,6 +136,26 @@ def _resolve_model(model: str | os.PathLike | nn.Module, tokenizer):
     return loaded, tokenizer, name
 
 
+def _prepare_for_trl(model: nn.Module) -> None:
+    """Two names TRL's fused LM head reads that some MoE families spell otherwise.
+
+    It runs `model.base_model`: Llama 4's text-only causal LM keeps its backbone at `model` but inherits the
+    multimodal prefix `language_model`, so its `base_model` is the whole model; point it at `model`. Its load-balancing
+    loss reads `config.num_experts`: Llama 4 and PhiMoE call it `num_local_experts`, DeepSeek-V3 `n_routed_experts`;
+    the config answers to `num_experts` too (an alias, like transformers' own `attribute_map`; nothing new is saved).
+    """
+    if getattr(model, "base_model", None) is model and isinstance(getattr(model, "model", None), nn.Module):
+        model.base_model_prefix = "model"
+    config = model.config.get_text_config()
+    if hasattr(config, "num_experts"):
+        return
+    field_name = next((f for f in ("num_local_experts", "n_routed_experts") if hasattr(config, f)), None)
+    if field_name is not None:
+        cls = type(config)
+        alias = {**cls.attribute_map, "num_experts": field_name}
+        config.__class__ = type(cls.__name__, (cls,), {"attribute_map": alias, "__module__": cls.__module__})
+
+
 def _checkpoint_step(folder: Path) -> int | None:
     """The step of a complete resumable checkpoint (its trainer state is written last), else None."""
     try:
@@ -293,6 +313,7 @@ def _plan(model, config: PHDSConfig, train_data, eval_data, tokenizer) -> _Plan:
 
     # --- model, ks and schedule
     model, tokenizer, model_name = _resolve_model(model, tokenizer)
+    _prepare_for_trl(model)
     layers = dial.moe_layers(model)  # NotAnMoEError (a ValueError) for a dense model
     k_pre, num_experts = dial.k_pre(model), dial.num_experts(model)
     ks = _declared_ks(config, k_pre, num_experts)
