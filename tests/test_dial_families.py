@@ -305,3 +305,20 @@ def test_per_row_k_gradients_reach_the_kept_experts_and_the_router(family, input
     for layer in phds.moe_layers(model):
         router_weight = dial._router_weight(layer.router)
         assert router_weight.grad is not None and router_weight.grad.abs().sum() > 0, layer.name
+
+
+@pytest.mark.parametrize("family", ["llama4", "jetmoe"])
+def test_the_engine_serves_mixed_k_on_families_without_the_experts_interface(family):
+    """The engine's mixed-k decode on the families' own experts (no `phds` experts there): each row's greedy tokens
+    equal transformers' generate at that row's k."""
+    from phds.engine import Engine, SamplingParams
+
+    model = phds.tiny_model(family)
+    prompts, ks = [[1, 5, 9, 20], [1, 40, 41], [1, 7, 8, 9, 10]], [1, 3, 2]
+    outputs = Engine(model, max_batch_size=3).generate(prompts, ks, SamplingParams(max_new_tokens=5))
+    for prompt, k, output in zip(prompts, ks, outputs, strict=True):
+        ids = torch.tensor([prompt])
+        with phds.sparsity(model, k):
+            expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
+        assert output == expected[0, len(prompt) :].tolist(), (family, k)
+    assert phds.get_k(model) == dial.k_pre(model)

@@ -719,7 +719,9 @@ def set_k(model: nn.Module, k: KSpec, *, epsilon: float = 0.0, renormalize: bool
         model: a loaded transformers MoE model.
         k: an int (same k in every MoE layer), a routing policy (`phds.TopP(tau)`, `phds.Skip(beta)`: a k per
             token from the router's own scores), a dict `{layer_index: int or policy}` (per layer; layers not named
-            keep their k), or a LongTensor `(batch,)` (k per row) / `(batch, seq)` (k per token).
+            keep their k; JetMoE's attention and MLP experts of a decoder layer share its index), or a LongTensor
+            `(batch,)` (k per row) / `(batch, seq)` (k per token). PhiMoE's router always picks 2 experts: other ks
+            follow the rule in this module's docstring.
         epsilon: weight for dropped experts instead of 0 (they are then computed, as the paper's faithful
             reproduction does); 0 drops them.
         renormalize: override whether the kept top-k weights are rescaled to the full top-k mass; None follows the
