@@ -161,3 +161,18 @@ def test_families_without_the_experts_interface_refuse_phds_in_one_line(arch_nam
     with pytest.raises(ValueError, match="`experts_implementation`='phds' needs experts that use transformers'") as e:
         phds.load(f"tiny:{arch_name}", experts_implementation="phds", tokenizer=False)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("arch_name", ["phimoe", "afmoe"])
+def test_phds_experts_on_phimoe_and_afmoe_match_eager_in_the_default_run(arch_name, input_ids):
+    """The default run's check of the two families of issue 18 that take the experts interface (the parametrised
+    tests above run them under `-m slow`): per-row k around PhiMoE's fixed 2 slots, forward and backward."""
+    eager, sparse = _pair(arch_name, torch.tensor([1, 3, 4]))
+    losses = [_seeded(model, input_ids, labels=input_ids).loss for model in (eager, sparse)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for (name, p_eager), p_sparse in zip(eager.named_parameters(), sparse.parameters(), strict=True):
+        if p_eager.grad is not None:
+            torch.testing.assert_close(p_sparse.grad, p_eager.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert sparse.config._experts_implementation == "phds"
