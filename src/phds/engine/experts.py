@@ -13,8 +13,10 @@ loop over experts), with autograd, so training at a low k is proportionally chea
 at most ~4 pairs per expert (decode batches, short prompts at a low k), each hit expert simply runs on its tokens
 through `decode_linear` (a bandwidth-bound small matmul): fewer ops than the grouped kernel's bookkeeping, which
 visits every expert, and a faster kernel than its per-expert matmuls (1.3-3.2x per layer, see
-`_few_tokens_is_faster`). Under `torch.compile` one token's experts are gathered by index inside the graph and a
-batch's inference path is one opaque op (`prepare_compile`).
+`_few_tokens_is_faster`). Under `torch.compile` nothing needs preparing: one token's experts are gathered by index
+inside the graph, and a batch runs every slot through the grouped kernel (fixed shapes: one full graph, no recompile
+when a sequence gets shorter); `prepare_compile` makes a batch's inference path an opaque op that computes only the
+kept pairs instead, for the mixed-k engine.
 
 Registered in transformers' experts interface when `phds.engine` is imported:
 `model.set_experts_implementation("phds")` or `phds.load(..., experts_implementation="phds")`.
@@ -53,7 +55,9 @@ def _grouped_linear(x_PD: torch.Tensor, weight_EXY: torch.Tensor, offsets_E: tor
 
 def _pairs_grouped(experts, x_PD, expert_P, num_experts: int) -> torch.Tensor:
     """Expert outputs for pairs sorted by expert, via two grouped matmuls."""
-    counts_E = torch.bincount(expert_P, minlength=num_experts)
+    # histc, not bincount: its output has a fixed size, so torch.compile traces it in a full graph (float input:
+    # histc has no integer kernel on CPU; expert ids are small integers, exact in float)
+    counts_E = torch.histc(expert_P.float(), bins=num_experts, min=0, max=num_experts - 1)
     offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
     up_weight, up_bias = _up_weights(experts)
     up_PI = _grouped_linear(x_PD, up_weight, offsets_E, experts.is_transposed)
@@ -151,14 +155,17 @@ def _(hidden_TD, expert_TK, weights_TK, experts_id):
 
 
 def prepare_compile(model: torch.nn.Module) -> None:
-    """Let `torch.compile` trace an inference forward of `model` with the "phds" experts as one graph: a batch's
-    experts become an opaque op that finds its module by id (one token's are gathered inside the graph).
+    """Optional, for the mixed-k engine: make a compiled inference forward skip dropped slots in batches too. A
+    batch's experts then become an opaque op that finds its module by id and computes only the kept pairs; without
+    this, a compiled batch computes every slot (a fixed-shape graph, dropped slots weighted 0). One token's experts
+    are gathered inside the graph either way.
 
     Example: `prepare_compile(model); step = torch.compile(model.forward, dynamic=True)`.
     """
     for module in model.modules():
         if hasattr(module, "_is_expert_parallel") and hasattr(module, "is_concatenated"):  # transformers' interface
             _EXPERTS_BY_ID[id(module)] = module
+            module._phds_opaque_when_compiled = True
 
 
 def _few_tokens_is_faster(num_tokens: int, num_slots: int, num_experts: int) -> bool:
@@ -184,11 +191,31 @@ def phds_experts_forward(
     expert_TK = top_k_index.reshape(num_tokens, num_slots)
     weights_TK = top_k_weights.reshape(num_tokens, num_slots)
     grad = torch.is_grad_enabled() and (hidden_states.requires_grad or top_k_weights.requires_grad)
-    if not grad and torch.compiler.is_compiling():
-        if num_tokens == 1 and not self._is_expert_parallel:
+    if torch.compiler.is_compiling():
+        if not grad and num_tokens == 1 and not self._is_expert_parallel:
             return _one_token_gathered(self, hidden_states, expert_TK[0], weights_TK[0])
-        return torch.ops.phds.sparse_experts(hidden_states, expert_TK, weights_TK, id(self))
+        if not grad and getattr(self, "_phds_opaque_when_compiled", False):
+            return torch.ops.phds.sparse_experts(hidden_states, expert_TK, weights_TK, id(self))
+        return _all_slots(self, hidden_states, expert_TK, weights_TK)
     return _sparse_forward(self, hidden_states, expert_TK, weights_TK, grad)
+
+
+def _all_slots(self, hidden_TD: torch.Tensor, expert_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    """Every slot of every token through the grouped kernel, dropped ones weighted 0: no data-dependent shape, so
+    a compiled forward is one full graph and a shorter sequence needs no new one (what the stock grouped_mm
+    implementation does; the eager path computes only the kept pairs)."""
+    num_tokens, hidden_dim = hidden_TD.shape
+    num_slots = expert_TK.shape[-1]
+    expert_P, slot_P = torch.sort(expert_TK.reshape(-1), stable=True)
+    token_P = torch.div(slot_P, num_slots, rounding_mode="floor")
+    y_PD = _pairs_grouped(self, hidden_TD[token_P], expert_P, self.num_experts)
+    if self.has_post_expert_norm:
+        y_PD = self.post_expert_norm(y_PD)
+    # slots of experts on other ranks (expert parallelism) are past the grouped kernel's last group: weight 0
+    weight_P = torch.where(expert_P < self.num_experts, weights_TK.reshape(-1)[slot_P], 0.0)
+    y_PD = torch.where(weight_P[:, None] != 0, y_PD * weight_P[:, None].to(y_PD.dtype), 0.0)
+    slots_TKD = hidden_TD.new_zeros(num_tokens * num_slots, hidden_dim).index_copy(0, slot_P, y_PD.to(hidden_TD.dtype))
+    return slots_TKD.view(num_tokens, num_slots, hidden_dim).sum(dim=1)
 
 
 def _sparse_forward(
