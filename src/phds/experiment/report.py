@@ -82,14 +82,14 @@ def ranking_table(results: dict[str, Any], task_name: str) -> list[str]:
     task = results["tasks"][task_name]
     reference = results["reference"]
     digits = _digits(task["metric"])
-    generation = any(
-        "tokens_per_answer" in s.get("compute", {}) for by_k in task["scores"].values() for s in by_k.values()
+    computes = [score.get("compute", {}) for by_k in task["scores"].values() for score in by_k.values()]
+    measured = any("active_experts" in c for c in computes)  # results made before compute was recorded have none
+    generation = any("tokens_per_answer" in c for c in computes)
+    columns = (["experts/token", "active params"] if measured else []) + (
+        ["tokens/answer", "s/answer"] if generation else []
     )
-    extra = " tokens/answer | s/answer |" if generation else ""
-    lines = [
-        f"| k | rank | arm | {task['metric']} | experts/token | active params |{extra} vs {reference} |",
-        "|---|---|---|---|---|---|" + ("---|---|" if generation else "") + "---|",
-    ]
+    header = ["k", "rank", "arm", task["metric"], *columns, f"vs {reference}"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     verdicts = {(c["k"], c["other"]): c for c in task["comparisons"]}
     for k in results["ks"]:
         entries = [(arm, by_k[str(k)]) for arm, by_k in task["scores"].items() if str(k) in by_k]
@@ -97,14 +97,9 @@ def ranking_table(results: dict[str, Any], task_name: str) -> list[str]:
         for rank, (arm, score) in enumerate(entries, 1):
             compute = score.get("compute", {})
             params = compute.get("active_params")
-            cells = [
-                str(k),
-                str(rank),
-                arm,
-                _num(score["mean"], digits),
-                _num(compute.get("active_experts"), 2),
-                "n/a" if params is None else f"{params:,.0f}",
-            ]
+            cells = [str(k), str(rank), arm, _num(score["mean"], digits)]
+            if measured:
+                cells += [_num(compute.get("active_experts"), 2), "n/a" if params is None else f"{params:,.0f}"]
             if generation:
                 cells += [_num(compute.get("tokens_per_answer"), 1), _num(compute.get("seconds_per_answer"), 3)]
             c = verdicts.get((k, arm))
