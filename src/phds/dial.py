@@ -206,6 +206,9 @@ def _call_router(router: nn.Module, block: nn.Module | None, hidden_TD: torch.Te
         router.train(was_training)
 
 
+_PROBE_KS = (1, 2)  # the top_k values a router is probed at
+
+
 def _probe(router: nn.Module, block: nn.Module | None, num_experts: int) -> tuple[_Layout, bool]:
     """The router's output layout and whether it renormalises its top-k weights, asked of the router itself at
     `top_k` 1 and 2 on random hidden states."""
@@ -218,11 +221,9 @@ def _probe(router: nn.Module, block: nn.Module | None, num_experts: int) -> tupl
     saved = router.top_k
     outputs = []
     try:
-        for k in (1, min(2, num_experts)):
+        for k in _PROBE_KS:
             router.top_k = k
             outputs.append(_call_router(router, block, hidden_TD, extra_args))
-    except NotAnMoEError:
-        raise
     except Exception as error:
         raise NotAnMoEError(
             f"router {name} cannot be called on hidden states ({error}); this MoE family cannot be dialled"
@@ -241,7 +242,7 @@ def _probe(router: nn.Module, block: nn.Module | None, num_experts: int) -> tupl
             "the chosen slots sorted by expert); this MoE family cannot be dialled"
         )
     layout = dataclasses.replace(layout, extra_args=extra_args)
-    views = [_read_routing(layout, out, k) for out, k in zip(outputs, (1, 2), strict=False)]
+    views = [_read_routing(layout, out, k) for out, k in zip(outputs, _PROBE_KS, strict=True)]
     if layout.width is not None:
         logits, weights_TK, indices_TK = views[0]
         empty = indices_TK[:, :0]
@@ -276,20 +277,21 @@ def _read_layout(outputs: list[tuple], num_tokens: int, num_experts: int) -> _La
             continue
         weights = [w for w in floats(out1, indices.numel()) if out1[w].shape == indices.shape and w not in per_expert]
         if weights and per_expert:
-            width1, width2 = indices.shape[-1], out2[i].shape[-1]
-            width = None if (width1, width2) == (1, len(outputs)) else width1 if width1 == width2 else -1
-            if width == -1:
-                return None
-            return _Layout("top_k", (per_expert[0], weights[0], i), width=width)
+            widths = (indices.shape[-1], out2[i].shape[-1])
+            if widths == _PROBE_KS:  # follows top_k
+                return _Layout("top_k", (per_expert[0], weights[0], i))
+            if widths[0] == widths[1]:  # picks a fixed number of slots whatever top_k says
+                return _Layout("top_k", (per_expert[0], weights[0], i), width=widths[0])
+            return None
     # dense: two (T, E) float tensors, one of them non-zero at exactly top_k experts per token.
     if len(per_expert) >= 2 and not ints(out1):
         for w in per_expert:
             nonzero = [(out[w].reshape(num_tokens, -1) != 0).sum(-1) for out in outputs]
-            if all(bool((n == k).all()) for n, k in zip(nonzero, (1, 2), strict=False)):
+            if all(bool((n == k).all()) for n, k in zip(nonzero, _PROBE_KS, strict=True)):
                 logits = next(i for i in per_expert if i != w)
                 return _Layout("dense", (w, logits))
     # sorted: at top_k 2, a permutation of the 2T slots, the token of each entry, 2T weights, entries per expert.
-    k = len(outputs)
+    k = _PROBE_KS[-1]
     long_1d = [i for i in ints(out2) if out2[i].dim() == 1 and out2[i].numel() == num_tokens * k]
     order = [i for i in long_1d if torch.equal(out2[i].sort().values.cpu(), torch.arange(num_tokens * k))]
     per_expert2 = [i for i in floats(out2, num_tokens * num_experts) if out2[i].shape[-1] == num_experts]
