@@ -15,6 +15,18 @@ from phds.tiny import FAMILIES
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def sharpened(model: torch.nn.Module) -> torch.nn.Module:
+    """A tiny random model whose ks answer differently: at init the experts barely move the residual stream, so
+    every k would give the same tokens; scaled up, each k (and each cut of a layer) changes the output."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".mlp." in name:
+                parameter.mul_(8.0)
+            elif "embed_tokens" in name or "lm_head" in name:
+                parameter.mul_(4.0)
+    return model
+
+
 def shared_data_dir() -> Path | None:
     """`$PHDS_DATA`, else `../shared/data` beside the checkout; None when absent."""
     candidates = [os.environ.get("PHDS_DATA"), Path(__file__).resolve().parents[2] / "shared" / "data"]

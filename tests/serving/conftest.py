@@ -17,6 +17,7 @@ import torch
 import phds
 from phds.serving import ServeConfig, Service, background_server
 from phds.sidecar import Sidecar
+from tests.conftest import sharpened
 
 KS = [1, 2, 4]
 MODEL_NAME = "tiny-phds"
@@ -24,15 +25,8 @@ MODEL_NAME = "tiny-phds"
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory) -> str:
-    model = phds.tiny_model("olmoe", vocab_size=100, seed=3)
-    # At init the experts barely move the residual stream, so every k would answer alike; scaled up, each k
-    # answers differently and the per-k equality tests below mean something.
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if ".mlp." in name:
-                parameter.mul_(8.0)
-            elif "embed_tokens" in name or "lm_head" in name:
-                parameter.mul_(4.0)
+    # sharpened, so that each k answers differently and the per-k equality tests below mean something
+    model = sharpened(phds.tiny_model("olmoe", vocab_size=100, seed=3))
     out = tmp_path_factory.mktemp("serving") / MODEL_NAME
     phds.save(model, out, tokenizer=phds.tiny_tokenizer(), sidecar=Sidecar(ks=KS, k_pre=4, default_k=4))
     return str(out)

@@ -28,6 +28,22 @@ def _config(out, resume: bool):
     return resumable_config(out, resume=resume, steps=STEPS)
 
 
+def _whole_and_killed(config, tmp_path, rows, *, kill_at: int):
+    """One uninterrupted run into tmp_path/whole, and the same run into tmp_path/killed, killed at step `kill_at`."""
+    whole_model = phds.tiny_model("olmoe")
+    whole = train(whole_model, config(tmp_path / "whole", False), train_data=rows, tokenizer=phds.tiny_tokenizer())
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            phds.tiny_model("olmoe"),
+            config(out, False),
+            train_data=rows,
+            tokenizer=phds.tiny_tokenizer(),
+            callbacks=[_Kill(at=kill_at)],
+        )
+    return whole_model, whole, out
+
+
 def test_a_killed_and_resumed_run_ends_with_the_same_k_history_and_weights(tmp_path, addition_rows):
     whole_model = phds.tiny_model("olmoe")
     whole = train(
@@ -90,19 +106,7 @@ def test_a_resumed_lora_run_restores_its_adapters_and_its_trained_routers(tmp_pa
             resume_from_checkpoint="last" if resume else None,
         )
 
-    whole_model = phds.tiny_model("olmoe")
-    whole = train(
-        whole_model, config(tmp_path / "whole", False), train_data=addition_rows, tokenizer=phds.tiny_tokenizer()
-    )
-    out = tmp_path / "killed"
-    with pytest.raises(KeyboardInterrupt):
-        train(
-            phds.tiny_model("olmoe"),
-            config(out, False),
-            train_data=addition_rows,
-            tokenizer=phds.tiny_tokenizer(),
-            callbacks=[_Kill(at=3)],
-        )
+    whole_model, whole, out = _whole_and_killed(config, tmp_path, addition_rows, kill_at=3)
     resumed_model = phds.tiny_model("olmoe")
     resumed = train(resumed_model, config(out, True), train_data=addition_rows, tokenizer=phds.tiny_tokenizer())
     assert resumed.k_history == whole.k_history
@@ -123,19 +127,7 @@ def test_a_killed_and_resumed_layer_sampling_run_draws_the_same_per_layer_ks_and
     def config(out, resume, k_sampling="layer"):
         return resumable_config(out, resume=resume, steps=STEPS, k_sampling=k_sampling)
 
-    whole_model = phds.tiny_model("olmoe")
-    whole = train(
-        whole_model, config(tmp_path / "whole", False), train_data=addition_rows, tokenizer=phds.tiny_tokenizer()
-    )
-    out = tmp_path / "killed"
-    with pytest.raises(KeyboardInterrupt):
-        train(
-            phds.tiny_model("olmoe"),
-            config(out, False),
-            train_data=addition_rows,
-            tokenizer=phds.tiny_tokenizer(),
-            callbacks=[_Kill(at=5)],
-        )
+    whole_model, whole, out = _whole_and_killed(config, tmp_path, addition_rows, kill_at=5)
     log_before = (out / "phds_log.jsonl").read_text()
     # resuming draws the ks the way the killed run did: the other mode is refused before anything is written
     with pytest.raises(ValueError, match=r"`k_sampling`='global'.*trained with k_sampling='layer'"):
