@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from typer.testing import CliRunner
 
 import phds
@@ -102,6 +103,7 @@ def test_bench_cli_writes_json(tmp_path):
         (dict(ks=[]), "ks"),
         (dict(stock=["fast"]), "stock"),
         (dict(model="x"), "exactly one"),
+        (dict(dtype="bf16"), "dtype"),
     ],
 )
 def test_bad_bench_config_raises_value_error(kwargs, match):
@@ -129,3 +131,47 @@ def test_batch_floor_reads_the_shared_weights_once_and_each_distinct_expert_once
     assert batch_floor_seconds(model, layers, bandwidth) == pytest.approx(floor_seconds(model, 1, bandwidth))
     assert batch_floor_seconds(model, layers * 8, bandwidth) == pytest.approx(floor_seconds(model, 8, bandwidth))
     assert batch_floor_seconds(model, layers * 3, bandwidth) == pytest.approx(floor_seconds(model, 3, bandwidth))
+
+
+class _Float32Allocations(TorchDispatchMode):
+    """Records every float32 tensor of at least 4096 elements that any op creates (buffers such as RoPE's
+    frequencies are smaller)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32 and tensor.numel() >= 4096:
+                self.shapes.append(tuple(tensor.shape))
+        return out
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_random_model_is_built_in_its_dtype_without_a_float32_copy(dtype):
+    tiny = "olmoe:num_experts=8,hidden_size=64,intermediate_size=64,vocab_size=512"
+    with _Float32Allocations() as allocations:
+        model = build_model(BenchConfig(tiny_config=tiny, dtype=dtype))
+    assert {p.dtype for p in model.parameters()} == {getattr(torch, dtype)}
+    assert allocations.shapes == []
+    assert all(p.std() > 0 for p in model.parameters() if p.dim() > 1)  # initialised from the seed, in place
+    with _Float32Allocations() as allocations:  # the recorder sees a float32 build's weights
+        build_model(BenchConfig(tiny_config=tiny))
+    assert (8, 2 * 64, 64) in allocations.shapes
+
+
+def test_the_olmoe_1b_7b_shape_preset_is_bf16_at_olmoe_1b_7b_layer_shapes():
+    with torch.device("meta"):  # shapes and dtypes only: no 7 GB allocated
+        model = build_model(BenchConfig(tiny_config="olmoe-1b-7b-shape"))
+    config = model.config
+    assert (config.hidden_size, config.num_attention_heads, config.num_hidden_layers) == (2048, 16, 8)
+    assert (config.num_experts, config.intermediate_size, config.num_experts_per_tok) == (64, 1024, 8)
+    assert config.vocab_size == 50304 and config.norm_topk_prob is False
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(3.56e9, rel=0.01)
+    with torch.device("meta"):
+        assert next(build_model(BenchConfig(tiny_config="olmoe-1b-7b-shape", dtype="float32")).parameters()).dtype == (
+            torch.float32
+        )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from phds.sidecar import check_ks
 
 # Random models named after their shape. "olmoe-shape-small": OLMoE's routing (64 experts, k_pre 8, no top-k
@@ -22,10 +24,29 @@ _OLMOE_SHAPE_SMALL = dict(
     num_key_value_heads=8,
     max_position_embeddings=4096,
 )
+# "olmoe-1b-7b-shape": OLMoE-1B-7B's per-layer shapes (hidden 2048, 16 heads, 64 experts of intermediate 1024,
+# k_pre 8, vocabulary 50304, no top-k renormalisation) with 8 of its 16 layers: 3.56B parameters, built directly in
+# bf16 (7.1 GB; an fp32 copy would need twice that). The real-scale benchmark, benchmarks/bench_llamacpp.py, uses it.
+_OLMOE_1B_7B_SHAPE = dict(
+    num_experts=64,
+    num_experts_per_tok=8,
+    num_hidden_layers=8,
+    hidden_size=2048,
+    intermediate_size=1024,
+    vocab_size=50304,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    max_position_embeddings=4096,
+    norm_topk_prob=False,
+)
 PRESETS: dict[str, tuple[str, dict]] = {
     DEFAULT_PRESET: ("olmoe", _OLMOE_SHAPE_SMALL),
     "olmoe-shape-small-overhead-only": ("olmoe", {**_OLMOE_SHAPE_SMALL, "hidden_size": 64, "intermediate_size": 64}),
+    "olmoe-1b-7b-shape": ("olmoe", _OLMOE_1B_7B_SHAPE),
 }
+# The parameter dtype of a preset when `BenchConfig.dtype` is None (float32 for presets not named here).
+PRESET_DTYPES = {"olmoe-1b-7b-shape": "bfloat16"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(kw_only=True)
@@ -36,6 +57,9 @@ class BenchConfig:
         model: checkpoint directory, hub name or `tiny:<family>`; or None with `tiny_config`.
         tiny_config: a preset (`PRESETS`, default "olmoe-shape-small") or `family:field=value,...` for a random
             tiny model.
+        dtype: parameter dtype, "float32", "bfloat16" or "float16". None: the preset's (`PRESET_DTYPES`, else
+            float32) for a random model, the checkpoint's for `model`. A random model is built in this dtype
+            directly; no float32 copy of its weights ever exists.
         ks: experts per token to measure.
         batches: decode batch sizes.
         prompt_len: prompt tokens per request.
@@ -55,6 +79,7 @@ class BenchConfig:
 
     model: str | None = None
     tiny_config: str | None = DEFAULT_PRESET
+    dtype: str | None = None
     ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     batches: list[int] = field(default_factory=lambda: [1])
     prompt_len: int = 64
@@ -89,23 +114,29 @@ class BenchConfig:
                 f"give exactly one of `model` and `tiny_config`, got model={self.model!r} and "
                 f"tiny_config={self.tiny_config!r}; pass tiny_config=None with a model"
             )
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"`dtype` must be one of {list(DTYPES)} or None, got {self.dtype!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"`threads` must be an integer >= 1, got {self.threads!r}")
 
 
 def build_model(config: BenchConfig):
-    """The model to benchmark, in eval mode (fp32 for tiny configs).
+    """The model to benchmark, in eval mode, in `config.dtype` (see `BenchConfig`).
 
-    Example: `build_model(BenchConfig(tiny_config="olmoe:num_experts=16"))`.
+    A random model is created in its dtype by `phds.tiny_model` (transformers' `from_config` with that dtype as
+    torch's default while the modules are built) and initialised in place from `config.seed`.
+
+    Example: `build_model(BenchConfig(tiny_config="olmoe:num_experts=16", dtype="bfloat16"))`.
     """
     if config.model is not None:
         from phds.loading import load
 
-        model, _ = load(config.model, tokenizer=False, device="cpu")
+        model, _ = load(config.model, tokenizer=False, device="cpu", dtype=config.dtype or "auto")
         return model
     from phds.tiny import FAMILIES, tiny_model
 
     name = config.tiny_config
+    dtype = DTYPES[config.dtype or PRESET_DTYPES.get(name, "float32")]
     if name in PRESETS:
         arch, overrides = PRESETS[name]
     elif name.partition(":")[0] not in FAMILIES:
@@ -121,7 +152,7 @@ def build_model(config: BenchConfig):
             if not sep:
                 raise ValueError(f"`tiny_config` fields must be key=value, got {item!r} in {name!r}")
             overrides[key] = _literal(value)
-    return tiny_model(arch, seed=config.seed, **overrides)
+    return tiny_model(arch, seed=config.seed, dtype=dtype, **overrides)
 
 
 def _literal(text: str):

@@ -18,6 +18,7 @@ Shape suffixes: B rows, S sequence positions.
 
 from __future__ import annotations
 
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -43,12 +44,14 @@ from phds.engine.experts import IMPLEMENTATION
 from phds.sidecar import check_ks
 
 
-def bench(config: BenchConfig, progress: Callable[[str], None] | None = None) -> dict:
+def bench(config: BenchConfig, progress: Callable[[str], None] | None = None, model=None) -> dict:
     """Run every measurement of `config` and return the results (JSON-ready).
 
     Args:
         config: what to measure.
         progress: called with a short description before each measurement (the CLI drives a progress bar).
+        model: the model `build_model(config)` returns, built already (to measure the same weights at several thread
+            counts without building them again); None builds it.
 
     Example: `bench(BenchConfig(tiny_config="olmoe", ks=[1, 4], repeats=1))["decode"][0]["engine_ms"]`.
     """
@@ -56,7 +59,12 @@ def bench(config: BenchConfig, progress: Callable[[str], None] | None = None) ->
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     note("building the model")
-    model = build_model(config).eval()
+    start = time.perf_counter()
+    built = model is None
+    model = (build_model(config) if built else model).eval()
+    build_s = time.perf_counter() - start if built else None
+    # Linux reports the peak resident set in KiB: what building the model (and anything this process did before) took.
+    peak_rss_GB = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     num_experts = dial.num_experts(model)
     check_ks(config.ks, num_experts=num_experts)
     note("measuring memory bandwidth")
@@ -76,6 +84,9 @@ def bench(config: BenchConfig, progress: Callable[[str], None] | None = None) ->
             "num_experts": num_experts,
             "k_pre": dial.k_pre(model),
             "layers": model.config.num_hidden_layers,
+            "bytes_GB": sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9,
+            "build_s": build_s,
+            "peak_rss_after_build_GB": peak_rss_GB,
         },
         "machine": {"threads": torch.get_num_threads(), "bandwidth_GBps": bandwidth / 1e9},
         "compile_s": 0.0,

@@ -22,8 +22,13 @@ def bench(
     model: str | None = typer.Argument(None, help="Checkpoint directory, hub name or tiny:<family>."),
     tiny_config: str = typer.Option(
         "olmoe-shape-small",
-        help="Random model when no MODEL is given: a preset (olmoe-shape-small, olmoe-shape-small-overhead-only) "
-        "or 'family:field=value,...'.",
+        help="Random model when no MODEL is given: a preset (olmoe-shape-small, olmoe-shape-small-overhead-only, "
+        "olmoe-1b-7b-shape) or 'family:field=value,...'.",
+    ),
+    dtype: str | None = typer.Option(
+        None,
+        help="Parameter dtype: float32, bfloat16 or float16 (default: the preset's, bfloat16 for olmoe-1b-7b-shape "
+        "and float32 otherwise; the checkpoint's for MODEL). Random models are built in it, never in float32 first.",
     ),
     k: str = typer.Option("1,2,4,8", "--k", help="Experts per token to measure, e.g. '1,2,4,8'."),
     batch: str = typer.Option("1", "--batch", help="Decode batch sizes, e.g. '1,8'."),
@@ -51,6 +56,7 @@ def bench(
         config = BenchConfig(
             model=model,
             tiny_config=None if model is not None else tiny_config,
+            dtype=dtype,
             ks=parse_ks(k),
             batches=parse_ks(batch, "--batch"),
             prompt_len=prompt_len,
