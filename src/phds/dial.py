@@ -78,6 +78,8 @@ class MoELayer:
         renormalizes: whether the router rescales its top-k weights to a fixed sum (Mixtral, GPT-OSS, Qwen3-MoE,
             DeepSeek-V3 with `norm_topk_prob`); OLMoE and Qwen1.5-MoE do not.
         shared_experts: always-on experts of the block (Qwen2-MoE's `shared_expert`, DeepSeek's `shared_experts`).
+        lists_slots: the router hands its experts the list of (token, expert) slots to compute (JetMoE's), and the
+            dial lists only the kept ones, so the family's own experts compute only kept pairs.
         top_k_copies: modules above the router that keep their own copy of its `top_k` (Mixtral's block, JetMoE's
             attention and its experts), set with it.
     """
@@ -92,6 +94,7 @@ class MoELayer:
     renormalizes: bool
     shared_experts: tuple[nn.Module, ...]
     top_k_copies: tuple[nn.Module, ...] = ()
+    lists_slots: bool = False
 
 
 @dataclass(frozen=True)
@@ -339,8 +342,12 @@ def _read_routing(layout: _Layout, output: tuple, k: int | None = None):
     return logits_TE, weights_TK, indices_TK
 
 
-def _write_routing(layout: _Layout, output: tuple, weights_TK: torch.Tensor, indices_TK: torch.Tensor) -> tuple:
-    """The router's output with its weights (and, for a continued fixed-width router, its slots) replaced."""
+def _write_routing(
+    layout: _Layout, output: tuple, weights_TK: torch.Tensor, indices_TK: torch.Tensor, drop_zero: bool = False
+) -> tuple:
+    """The router's output with its weights (and, for a continued fixed-width router, its slots) replaced. With
+    `drop_zero`, a router whose output lists the chosen slots themselves (JetMoE's, sorted by expert) lists only the
+    kept ones: the family's own experts then compute only the kept pairs, as the "phds" experts do elsewhere."""
     output = list(output)
     if layout.kind == "top_k":
         _, weights_pos, indices_pos = layout.positions
@@ -354,9 +361,19 @@ def _write_routing(layout: _Layout, output: tuple, weights_TK: torch.Tensor, ind
         dense_TE = old.reshape(-1, old.shape[-1]).new_zeros(indices_TK.shape[0], old.shape[-1])
         output[weights_pos] = dense_TE.scatter(-1, indices_TK, weights_TK.to(old.dtype)).reshape(old.shape)
     else:
-        order_pos, _, gates_pos, _, _ = layout.positions
+        order_pos, tokens_pos, gates_pos, sizes_pos, _ = layout.positions
         old = output[gates_pos]
-        output[gates_pos] = weights_TK.to(old.dtype).reshape(-1)[output[order_pos]]
+        gates_P = weights_TK.to(old.dtype).reshape(-1)[output[order_pos]]
+        if drop_zero:
+            sizes = output[sizes_pos]
+            sizes_E = torch.as_tensor(sizes, device=gates_P.device)
+            expert_P = torch.repeat_interleave(torch.arange(len(sizes_E), device=gates_P.device), sizes_E)
+            keep_P = gates_P != 0
+            output[order_pos], output[tokens_pos] = output[order_pos][keep_P], output[tokens_pos][keep_P]
+            gates_P = gates_P[keep_P]
+            kept_E = torch.bincount(expert_P[keep_P], minlength=len(sizes_E))
+            output[sizes_pos] = kept_E.tolist() if isinstance(sizes, (list, tuple)) else kept_E.to(sizes_E.dtype)
+        output[gates_pos] = gates_P
     return tuple(output)
 
 
@@ -478,6 +495,7 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
                 renormalizes=module._phds_renormalizes,
                 shared_experts=shared,
                 top_k_copies=_top_k_copies(modules, name),
+                lists_slots=module._phds_layout.kind == "sorted",
             )
         )
     if not layers:
@@ -541,7 +559,7 @@ def _drop_slots_hook(router: nn.Module, args: tuple, kwargs: dict, output: tuple
         k_T = torch.full((num_tokens,), plan.k, device=indices_TK.device)
     renormalize = router._phds_renormalizes if plan.renormalize is None else plan.renormalize
     new_weights = keep_top_slots(weights_TK, selection_TK, k_T, renormalize=renormalize, epsilon=plan.epsilon)
-    return _write_routing(layout, output, new_weights, indices_TK)
+    return _write_routing(layout, output, new_weights, indices_TK, drop_zero=plan.epsilon == 0.0)
 
 
 def _policy_counts(policy, logits, indices, weights_TK, selection_TK) -> torch.Tensor:

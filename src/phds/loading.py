@@ -221,11 +221,16 @@ def load(
         sidecar = read_sidecar(path, model=model) if path.is_dir() else None
         tok = _load_tokenizer(name, **kwargs) if tokenizer else None
     if experts_implementation is not None and not model._can_set_experts_implementation():
-        # transformers ignores the request silently on these (Llama 4, JetMoE): say so instead.
-        raise ValueError(
-            f"`experts_implementation`={experts_implementation!r} needs experts that use transformers' experts "
-            f"interface, which {type(model).__name__}'s do not; leave it unset (the family's own experts then run)"
-        )
+        # transformers ignores the request silently on these (Llama 4, JetMoE); an implementation module of this
+        # project may still cover them (`apply_to_other_experts`), else say so.
+        module = _EXPERTS_MODULES.get(experts_implementation)
+        apply = getattr(importlib.import_module(module), "apply_to_other_experts", None) if module else None
+        if apply is None or not apply(model):
+            raise ValueError(
+                f"`experts_implementation`={experts_implementation!r} needs experts that use transformers' experts "
+                f"interface, which {type(model).__name__}'s do not; leave it unset (the family's own experts then "
+                "run)"
+            )
     attach_sidecar(model, sidecar)
     dial.moe_layers(model)  # registers k_pre before anything is dialled; raises for a dense model
     target = k if k is not None else (sidecar.default_k if sidecar is not None else None)

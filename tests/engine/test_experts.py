@@ -9,8 +9,8 @@ import phds
 import phds.engine  # noqa: F401  registers "phds"
 from phds.engine import experts as experts_module
 
-# Families whose experts do not use transformers' experts interface (no `@use_experts_implementation`): the phds
-# implementation cannot be set on them (see test_families_without_the_experts_interface_refuse_phds_in_one_line).
+# Families whose experts do not use transformers' experts interface (no `@use_experts_implementation`): the tests
+# parametrised over the interface skip them; "phds" covers them another way (the Llama 4 / JetMoE tests below).
 NO_EXPERTS_INTERFACE = ("llama4", "jetmoe")
 
 
@@ -152,15 +152,61 @@ def test_registration_is_idempotent_and_load_accepts_phds():  # load imports phd
     assert model.config._experts_implementation == "phds"
 
 
-@pytest.mark.parametrize("arch_name", NO_EXPERTS_INTERFACE)
-def test_families_without_the_experts_interface_refuse_phds_in_one_line(arch_name):
-    """Llama 4 runs every expert densely on pre-scaled inputs and JetMoE's experts are split projections: neither
-    takes transformers' experts interface (which would ignore the request silently), so `phds.load` refuses
-    `experts_implementation="phds"` in one line. The dial and the engine still work on them, with the family's own
-    experts (dropped slots weigh 0)."""
-    with pytest.raises(ValueError, match="`experts_implementation`='phds' needs experts that use transformers'") as e:
-        phds.load(f"tiny:{arch_name}", experts_implementation="phds", tokenizer=False)
-    assert "\n" not in str(e.value)
+def test_phds_on_llama4_never_reads_an_expert_no_token_was_routed_to(input_ids):
+    """Llama 4's own experts run every expert on every token (inputs pre-scaled by 0 for the others); with "phds"
+    only the routed rows are computed: experts nobody was routed to may hold NaN and the output stays exact."""
+    model, _ = phds.load("tiny:llama4", experts_implementation="phds", tokenizer=False)
+    reference = phds.tiny_model("llama4")
+    input_ids = input_ids[:2, :2]  # 4 tokens: at k <= 2 some of the 8 experts get no token
+    for k in (1, 2, torch.tensor([1, 2])):
+        with torch.no_grad(), phds.sparsity(reference, k), phds.sparsity(model, k):
+            routed: dict[str, set[int]] = {}
+
+            def record(module, args, output, name=None, routed=routed):
+                scores_TE = output[0]  # Llama 4's router: a weight per expert, 0 where not chosen
+                routed.setdefault(name, set()).update(scores_TE.nonzero()[:, 1].tolist())
+
+            handles = [
+                layer.router.register_forward_hook(lambda m, a, o, name=layer.name: record(m, a, o, name))
+                for layer in phds.moe_layers(reference)
+            ]
+            expected = reference(input_ids).logits
+            for handle in handles:
+                handle.remove()
+            poisoned = 0
+            for layer in phds.moe_layers(model):
+                unused = [e for e in range(layer.num_experts) if e not in routed[layer.name]]
+                layer.experts.gate_up_proj.data[unused] = float("nan")
+                poisoned += len(unused)
+            assert poisoned > 0
+            torch.testing.assert_close(model(input_ids).logits, expected, rtol=1e-5, atol=1e-5)
+            model.load_state_dict(reference.state_dict())
+
+
+def test_phds_on_jetmoe_lists_only_the_kept_slots_to_its_own_experts(input_ids):
+    """JetMoE's experts compute exactly the slots its router lists; under a per-token k the dial lists only the kept
+    ones, so a dropped slot costs nothing (the "phds" behaviour, with the family's own experts)."""
+    model, _ = phds.load("tiny:jetmoe", experts_implementation="phds", tokenizer=False)
+    input_ids = input_ids[:2]
+    per_row = torch.tensor([1, 3])
+    rows_computed = []
+    mlp_experts = [layer.experts for layer in phds.moe_layers(model) if layer.name.endswith("mlp")]
+    handles = [
+        e.register_forward_hook(lambda m, args, out: rows_computed.append(args[0].shape[0])) for e in mlp_experts
+    ]
+    with torch.no_grad():
+        with phds.sparsity(model, per_row):
+            dropped_listed = model(input_ids).logits
+        with phds.sparsity(model, per_row, epsilon=1e-30):  # every slot listed, the dropped ones at ~0 weight
+            all_listed = model(input_ids).logits
+    for handle in handles:
+        handle.remove()
+    tokens_per_row = input_ids.shape[1]
+    kept = int(per_row.sum()) * tokens_per_row
+    listed = phds.dial.k_pre(model) * len(per_row) * tokens_per_row  # with an epsilon the router runs at k_pre
+    assert rows_computed[: len(mlp_experts)] == [kept] * len(mlp_experts)
+    assert rows_computed[len(mlp_experts) :] == [listed] * len(mlp_experts)
+    torch.testing.assert_close(dropped_listed, all_listed, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch_name", ["phimoe", "afmoe"])

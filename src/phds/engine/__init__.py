@@ -5,9 +5,18 @@ Importing this package registers the "phds" experts implementation in transforme
 """
 
 from phds.engine.engine import Engine, Request, TokenEvent
-from phds.engine.experts import IMPLEMENTATION, phds_experts_forward, register
+from phds.engine.experts import IMPLEMENTATION, apply_to_other_experts, phds_experts_forward, register
 from phds.engine.sampling import SamplingParams
 
 register()
 
-__all__ = ["Engine", "IMPLEMENTATION", "Request", "SamplingParams", "TokenEvent", "phds_experts_forward", "register"]
+__all__ = [
+    "Engine",
+    "IMPLEMENTATION",
+    "Request",
+    "SamplingParams",
+    "TokenEvent",
+    "apply_to_other_experts",
+    "phds_experts_forward",
+    "register",
+]

@@ -24,7 +24,7 @@ import torch
 from phds import dial
 from phds.engine.cache import SlotCache, attention_masks
 from phds.engine.decode_linear import decode_linears
-from phds.engine.experts import IMPLEMENTATION, prepare_compile
+from phds.engine.experts import IMPLEMENTATION, apply_to_other_experts, prepare_compile, restore_other_experts
 from phds.engine.sampling import SamplingParams, choose_tokens, make_generator
 from phds.sidecar import check_k
 
@@ -407,7 +407,16 @@ def _can_share(keys: list | tuple) -> bool:
 def _experts_implementation(model, name: str):
     """Run with transformers' experts implementation `name` (the sparse "phds" path), restoring the model's own."""
     saved = model.config._experts_implementation
-    if saved == name or not model._can_set_experts_implementation():
+    if not model._can_set_experts_implementation():
+        # Llama 4's dense experts compute only routed rows while the engine runs (a model loaded that way stays so)
+        already = {id(module) for module in model.modules() if "forward" in module.__dict__}
+        apply_to_other_experts(model)
+        try:
+            yield
+        finally:
+            restore_other_experts(model, keep=already)
+        return
+    if saved == name:
         yield
         return
     model.set_experts_implementation(name)

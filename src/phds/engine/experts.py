@@ -24,6 +24,7 @@ Registered in transformers' experts interface when `phds.engine` is imported:
 
 from __future__ import annotations
 
+import inspect
 import weakref
 
 import torch
@@ -246,6 +247,81 @@ def _sparse_forward(
         0, slot_P, y_PD.to(hidden_states.dtype)
     )
     return slots_TKD.view(num_tokens, num_slots, hidden_dim).sum(dim=1)
+
+
+# ----------------------------------------------------------------------------- experts outside the interface
+
+
+def _is_prescaled_dense(module: torch.nn.Module) -> bool:
+    """Stacked experts that take every expert's copy of the tokens already multiplied by its routing weight, one
+    block of rows per expert, and return one block per expert (Llama 4's): a `gate_up_proj` (E, D, 2I) and a
+    `down_proj` (E, I, D), no biases, a forward of the hidden states alone, outside transformers' interface."""
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    if not (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.dim() == down.dim() == 3):
+        return False
+    num_experts, hidden, double_inner = gate_up.shape
+    return (
+        not hasattr(module, "_is_expert_parallel")
+        and down.shape == (num_experts, double_inner // 2, hidden)
+        and not any(name.endswith("bias") for name, _ in module.named_parameters(recurse=False))
+        and len(inspect.signature(type(module).forward).parameters) == 2
+    )
+
+
+def _prescaled_dense_forward(self, hidden_ED: torch.Tensor) -> torch.Tensor:
+    """The rows a zero weight scaled to 0 are not computed: without biases an expert maps 0 to 0, so a token runs
+    through its routed experts only instead of through all of them (Llama 4's own experts run every expert on every
+    token). Autograd and torch.compile use the module's own dense forward."""
+    if (torch.is_grad_enabled() and hidden_ED.requires_grad) or torch.compiler.is_compiling():
+        return type(self).forward(self, hidden_ED)
+    num_experts, hidden = self.gate_up_proj.shape[0], self.gate_up_proj.shape[1]
+    x_ETD = hidden_ED.view(num_experts, -1, hidden)
+    hit_ET = x_ETD.ne(0).any(dim=-1)
+    out_ETD = torch.zeros_like(x_ETD)
+    for e in hit_ET.any(dim=-1).nonzero().flatten().tolist():
+        rows_n = hit_ET[e].nonzero().flatten()
+        gate_nI, up_nI = (x_ETD[e, rows_n] @ self.gate_up_proj[e]).chunk(2, dim=-1)
+        out_ETD[e, rows_n] = (up_nI * self.act_fn(gate_nI)) @ self.down_proj[e]
+    return out_ETD.view(-1, hidden)
+
+
+def apply_to_other_experts(model: torch.nn.Module) -> bool:
+    """Give "phds" to a model whose experts transformers' interface does not reach; False when it cannot.
+
+    Pre-scaled dense experts (Llama 4) are switched to compute only their routed rows, each checked against its own
+    forward on a probe (left alone if they differ). A model whose routers list the slots their experts compute
+    (JetMoE) needs nothing: the dial lists only the kept ones. `restore_other_experts` undoes the switch.
+
+    Example: `apply_to_other_experts(phds.tiny_model("llama4"))  # -> True`.
+    """
+    from phds import dial
+
+    switched = 0
+    for module in model.modules():
+        if not _is_prescaled_dense(module):
+            continue
+        if "forward" in module.__dict__:
+            switched += 1  # already switched
+            continue
+        num_experts, hidden = module.gate_up_proj.shape[:2]
+        generator = torch.Generator().manual_seed(0)
+        probe_ED = torch.randn(num_experts * 2, hidden, generator=generator).to(module.gate_up_proj)
+        probe_ED.view(num_experts, 2, hidden)[::2, 1] = 0  # some rows routed away, as the router leaves them
+        with torch.no_grad():
+            expected = type(module).forward(module, probe_ED)
+            got = _prescaled_dense_forward(module, probe_ED)
+        if torch.allclose(got.float(), expected.float(), rtol=1e-3, atol=1e-3 * float(expected.abs().max()) + 1e-6):
+            module.forward = _prescaled_dense_forward.__get__(module)
+            switched += 1
+    return switched > 0 or all(layer.lists_slots for layer in dial.moe_layers(model))
+
+
+def restore_other_experts(model: torch.nn.Module, keep: set[int] | frozenset[int] = frozenset()) -> None:
+    """Undo `apply_to_other_experts`, except on the modules whose `id` is in `keep`."""
+    for module in model.modules():
+        forward = module.__dict__.get("forward")
+        if id(module) not in keep and getattr(forward, "__func__", None) is _prescaled_dense_forward:
+            del module.forward
 
 
 def register() -> None:
