@@ -106,5 +106,14 @@ def test_a_new_seed_runs_only_its_own_stages(demo_run):
 def test_parallel_jobs_give_the_same_results_as_one_process(demo_run, tmp_path):
     out, first, _ = demo_run
     parallel = run_demo(tmp_path / "parallel", overrides=TINY, jobs=2, say=lambda _: None)
-    assert parallel.results["tasks"] == first.results["tasks"]
+    assert _without_wall_times(parallel.results["tasks"]) == _without_wall_times(first.results["tasks"])
     assert (tmp_path / "parallel" / "logs").is_dir()
+
+
+def _without_wall_times(value):
+    """Results with the measured seconds per answer left out: wall time differs between any two runs."""
+    if isinstance(value, dict):
+        return {key: _without_wall_times(item) for key, item in value.items() if key != "seconds_per_answer"}
+    if isinstance(value, list):
+        return [_without_wall_times(item) for item in value]
+    return value
