@@ -74,7 +74,9 @@ def test_policy_keeps_what_its_rule_defines(family, policy):
         with torch.no_grad():
             logits, weights, indices = _routing(router, _router_forward_raw(router, args))
         logits, weights = logits.float(), weights.float()
-        assert torch.equal(indices, got_indices.reshape(indices.shape))
+        got_indices = got_indices.reshape(indices.shape)
+        listed = got_indices >= 0  # JetMoE's listing holds only the kept slots; the weights below check the rest
+        assert torch.equal(indices[listed], got_indices[listed])
         probs_all = logits.softmax(-1)
         # bias-corrected choice: DeepSeek-V3's own bias, or the one AFMoE's block hands its router
         bias = getattr(router, "e_score_correction_bias", None)

@@ -337,8 +337,11 @@ def _read_routing(layout: _Layout, output: tuple, k: int | None = None):
     num_tokens, num_experts = logits_TE.shape
     sizes = torch.as_tensor([int(n) for n in output[sizes_pos]], device=order.device)
     expert_of_entry = torch.arange(num_experts, device=order.device).repeat_interleave(sizes)
-    weights_TK = gates.new_zeros(gates.shape[0]).index_copy(0, order, gates).reshape(num_tokens, -1)
-    indices_TK = order.new_zeros(order.shape[0]).index_copy(0, order, expert_of_entry).reshape(num_tokens, -1)
+    # a listing the dial cut to the kept slots (`_write_routing`) has fewer entries than T x k: the slots it left
+    # out read as weight 0 at expert -1
+    slots = num_tokens * k if k is not None else gates.shape[0]
+    weights_TK = gates.new_zeros(slots).index_copy(0, order, gates).reshape(num_tokens, -1)
+    indices_TK = order.new_full((slots,), -1).index_copy(0, order, expert_of_entry).reshape(num_tokens, -1)
     return logits_TE, weights_TK, indices_TK
 
 
