@@ -38,6 +38,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -240,25 +241,42 @@ def expert_used_count(gguf: Path, source: Path) -> int:
     return int(field.parts[field.data[0]][0])
 
 
-def machine_load() -> dict:
-    """The load average and the processes other than this one using CPU over one second (the machine is shared)."""
-    mine = {os.getpid(), *(child.pid for child in psutil.Process().children(recursive=True))}
-    procs = [p for p in psutil.process_iter(["name", "pid"]) if p.info["pid"] not in mine]
-    for proc in procs:
-        try:
-            proc.cpu_percent(None)
-        except psutil.Error:
-            pass
-    time.sleep(1.0)
-    busy = []
-    for proc in procs:
-        try:
-            percent = proc.cpu_percent(None)
-        except psutil.Error:
-            continue
-        if percent >= 10:
-            busy.append({"name": proc.info["name"], "cpu_percent": percent})
-    return {"loadavg": os.getloadavg(), "other_busy_processes": sorted(busy, key=lambda b: -b["cpu_percent"])}
+class LoadMonitor(threading.Thread):
+    """Samples, every `interval` seconds, the load average and the other processes (not this one or its children)
+    using 10% of a core or more, per phase of the run: the machine is shared, and this says when it was not idle."""
+
+    def __init__(self, interval: float = 5.0):
+        super().__init__(daemon=True)
+        self.interval, self.phase, self.phases = interval, "setup", {}
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            me = psutil.Process()
+            mine = {me.pid, *(child.pid for child in me.children(recursive=True))}
+            record = self.phases.setdefault(self.phase, {"samples": 0, "max_loadavg_1min": 0.0, "busy": {}})
+            record["samples"] += 1
+            record["max_loadavg_1min"] = max(record["max_loadavg_1min"], os.getloadavg()[0])
+            for proc in psutil.process_iter(["name"]):
+                if proc.pid in mine:
+                    continue
+                try:
+                    percent = proc.cpu_percent(None)  # since this process's previous sample (psutil caches it)
+                except psutil.Error:
+                    continue
+                if percent >= 10:
+                    name = proc.info["name"]
+                    record["busy"][name] = max(record["busy"].get(name, 0.0), percent)
+
+
+def git_state() -> dict:
+    """The commit measured and the files that differed from it (the working tree is what runs)."""
+
+    def git(*command: str) -> str:
+        return subprocess.run(["git", *command], cwd=ROOT, capture_output=True, text=True).stdout
+
+    modified = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+    return {"commit": git("rev-parse", "HEAD").strip(), "modified": modified}
 
 
 def machine() -> dict:
@@ -288,10 +306,14 @@ def measure(args, out: Path) -> dict:
             if key in ("k", "threads", "batch", "repeats", "compile", "mixed")
         },
         "machine": machine(),
-        "load": {"start": machine_load()},
         "versions": {name: importlib.metadata.version(name) for name in PACKAGES},
+        "git": git_state(),
         "phds": {},
     }
+
+    monitor = LoadMonitor()
+    monitor.start()
+    results["load"] = monitor.phases
 
     def save():
         results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -299,7 +321,7 @@ def measure(args, out: Path) -> dict:
 
     source, binary, results["versions"]["llama-cpp-python (sdist)"] = build_llama_cpp()
     gguf, results["gguf"] = ensure_gguf(source, args.tiny_config)
-    results["load"]["before_llama_cpp"] = machine_load()
+    monitor.phase = "llama.cpp"
     results["llama_cpp"] = llama_bench(binary, source, gguf, args.k, args.threads, args.repeats)
     results["versions"]["llama.cpp"] = results["llama_cpp"][0]["build"]
     save()
@@ -308,7 +330,7 @@ def measure(args, out: Path) -> dict:
     for compiled in (False, True) if args.compile else (False,):
         for threads in args.threads:
             name = f"{threads}{'_compiled' if compiled else ''}"
-            results["load"][f"before_phds_{name}"] = machine_load()
+            monitor.phase = f"phds {threads} thread{'s' if threads > 1 else ''}{' compiled' if compiled else ''}"
             config = bench_config(
                 args.tiny_config,
                 ks=args.k,
@@ -321,7 +343,7 @@ def measure(args, out: Path) -> dict:
             )
             results["phds"][name] = bench(config, progress=lambda text: print(f"  {text}", flush=True), model=model)
             save()
-    results["load"]["end"] = machine_load()
+    monitor.stopped.set()
     results["complete"] = True
     save()
     return results
@@ -435,11 +457,17 @@ def goals(results: dict) -> list[str]:
 def render(results: dict, source: str) -> str:
     model = next(iter(results["phds"].values()))["model"]
     bandwidths = ", ".join(
-        f"{run_['machine']['threads']} threads {run_['machine']['bandwidth_GBps']:.1f} GB/s"
+        f"{run_['machine']['bandwidth_GBps']:.1f} GB/s with {run_['machine']['threads']} thread"
+        f"{'s' if run_['machine']['threads'] > 1 else ''}"
         for name, run_ in results["phds"].items()
         if not name.endswith("_compiled")
     )
-    busy = {p["name"] for snapshot in results["load"].values() for p in snapshot["other_busy_processes"]}
+    busy = [
+        f"{phase}: "
+        + (", ".join(f"{name} up to {percent:.0f}%" for name, percent in record["busy"].items()) or "none")
+        + f" (1-minute load average up to {record['max_loadavg_1min']:.2f})"
+        for phase, record in results["load"].items()
+    ]
     versions = ", ".join(f"{name} {version}" for name, version in results["versions"].items())
     return "\n".join(
         [
@@ -464,8 +492,11 @@ def render(results: dict, source: str) -> str:
             "",
             *goals(results),
             "",
-            f"Other processes busy during the run: {', '.join(sorted(busy)) if busy else 'none seen'}. "
-            f"Versions: {versions}.",
+            "Other processes using 10% of a core or more during each phase (sampled every 5 s): "
+            + "; ".join(busy)
+            + ". "
+            f"Versions: {versions}. Commit {results['git']['commit'][:7]}"
+            f"{', with uncommitted changes to ' + ', '.join(results['git']['modified']) if results['git']['modified'] else ''}.",
         ]
     )
 
