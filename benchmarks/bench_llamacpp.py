@@ -454,6 +454,19 @@ def goals(results: dict) -> list[str]:
     return lines
 
 
+def disturbed(results: dict) -> list[str]:
+    """A warning per phase during which another process kept a core busy: with 2 threads on 2 cores, a step then
+    waits for a core (stalls of a second or more), so that phase's figures measure the machine, not the code."""
+    lines = [
+        f"- **Disturbed: {phase}**: other processes were busy during it "
+        f"({', '.join(f'{name} up to {percent:.0f}% of a core' for name, percent in record['busy'].items())}); "
+        "its figures are bounded by the shared machine, not by the code."
+        for phase, record in results["load"].items()
+        if record["busy"]
+    ]
+    return [*lines, ""] if lines else []
+
+
 def render(results: dict, source: str) -> str:
     model = next(iter(results["phds"].values()))["model"]
     bandwidths = ", ".join(
@@ -488,6 +501,7 @@ def render(results: dict, source: str) -> str:
             f"Run options: {', '.join(f'{key} {value}' for key, value in results['options'].items())}"
             f"{'' if results['complete'] else ' (the run did not complete: the rows shown are those it measured)'}.",
             "",
+            *disturbed(results),
             "Issue 16's goals, in this run:",
             "",
             *goals(results),
