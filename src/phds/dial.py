@@ -334,15 +334,20 @@ def _read_routing(layout: _Layout, output: tuple, k: int | None = None):
     order_pos, _, gates_pos, sizes_pos, logits_pos = layout.positions
     logits_TE = output[logits_pos].reshape(-1, output[logits_pos].shape[-1])
     order, gates = output[order_pos], output[gates_pos]
-    num_tokens, num_experts = logits_TE.shape
-    sizes = torch.as_tensor([int(n) for n in output[sizes_pos]], device=order.device)
-    expert_of_entry = torch.arange(num_experts, device=order.device).repeat_interleave(sizes)
+    num_tokens = logits_TE.shape[0]
+    expert_of_entry = _expert_of_entries(output[sizes_pos], order.device)
     # a listing the dial cut to the kept slots (`_write_routing`) has fewer entries than T x k: the slots it left
     # out read as weight 0 at expert -1
     slots = num_tokens * k if k is not None else gates.shape[0]
     weights_TK = gates.new_zeros(slots).index_copy(0, order, gates).reshape(num_tokens, -1)
     indices_TK = order.new_full((slots,), -1).index_copy(0, order, expert_of_entry).reshape(num_tokens, -1)
     return logits_TE, weights_TK, indices_TK
+
+
+def _expert_of_entries(sizes, device) -> torch.Tensor:
+    """The expert of each entry of a listing sorted by expert, from its entries per expert (JetMoE's `expert_size`)."""
+    sizes_E = torch.as_tensor([int(n) for n in sizes], device=device)
+    return torch.arange(len(sizes_E), device=device).repeat_interleave(sizes_E)
 
 
 def _write_routing(
@@ -369,13 +374,12 @@ def _write_routing(
         gates_P = weights_TK.to(old.dtype).reshape(-1)[output[order_pos]]
         if drop_zero:
             sizes = output[sizes_pos]
-            sizes_E = torch.as_tensor(sizes, device=gates_P.device)
-            expert_P = torch.repeat_interleave(torch.arange(len(sizes_E), device=gates_P.device), sizes_E)
+            expert_P = _expert_of_entries(sizes, gates_P.device)
             keep_P = gates_P != 0
             output[order_pos], output[tokens_pos] = output[order_pos][keep_P], output[tokens_pos][keep_P]
             gates_P = gates_P[keep_P]
-            kept_E = torch.bincount(expert_P[keep_P], minlength=len(sizes_E))
-            output[sizes_pos] = kept_E.tolist() if isinstance(sizes, (list, tuple)) else kept_E.to(sizes_E.dtype)
+            kept_E = torch.bincount(expert_P[keep_P], minlength=len(sizes))
+            output[sizes_pos] = kept_E.tolist() if isinstance(sizes, (list, tuple)) else kept_E.to(sizes.dtype)
         output[gates_pos] = gates_P
     return tuple(output)
 
@@ -565,10 +569,9 @@ def _drop_slots_hook(router: nn.Module, args: tuple, kwargs: dict, output: tuple
     return _write_routing(layout, output, new_weights, indices_TK, drop_zero=plan.epsilon == 0.0)
 
 
-def _policy_counts(policy, logits, indices, weights_TK, selection_TK) -> torch.Tensor:
+def _policy_counts(policy, logits_TE, indices_TK, weights_TK, selection_TK) -> torch.Tensor:
     """Each token's k under `policy`, from the router's probabilities and weights in the router's rank order."""
-    logits_TE = logits.reshape(-1, logits.shape[-1]).float()
-    probs_TK = logits_TE.softmax(dim=-1).gather(-1, indices.reshape(-1, indices.shape[-1]))
+    probs_TK = logits_TE.float().softmax(dim=-1).gather(-1, indices_TK)
     order_TK = selection_TK.argsort(dim=-1, descending=True, stable=True)
     return policy.counts(probs_TK.gather(-1, order_TK), weights_TK.float().gather(-1, order_TK))
 
