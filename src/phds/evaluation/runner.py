@@ -311,11 +311,11 @@ def _plan(
     if tokenizer is None:
         raise ValueError("`tokenizer` is required: the model came without one")
     sidecar = sidecar_of(model)
-    others = [point for point in (ks or []) if isinstance(point, Mapping) or is_policy(point)]
+    others = [point for point in (ks or []) if not _is_k(point)]
     if ks is None:
         ks = resolve_ks(model)[0]
     else:
-        ks = [point for point in ks if not (isinstance(point, Mapping) or is_policy(point))]
+        ks = [point for point in ks if _is_k(point)]
         # raises for a model without MoE layers; the given ks must be distinct
         ks = check_ks(ks, num_experts=dial.num_experts(model)) if ks or not others else []
     points = {point_label(k): k for k in ks}
@@ -376,7 +376,7 @@ def _run(
                     columns, recs = _score_task(
                         plan,
                         prep,
-                        point if isinstance(point, int) else label,  # records keep int ks as numbers
+                        _record_key(label, point),
                         batch_size=batch_size,
                         max_new_tokens=max_new_tokens,
                         pad=pad,
@@ -390,6 +390,16 @@ def _run(
                 bar.update(job, description=f"k={label} latency")
                 latency_table[label] = measure_latency(model, point, plan.latency)
     return per_k, usage, records, latency_table
+
+
+def _is_k(point: Point) -> bool:
+    """A plain k, as opposed to a routing policy or a per-layer allocation."""
+    return not (isinstance(point, Mapping) or is_policy(point))
+
+
+def _record_key(label: str, point: Point) -> int | str:
+    """How predictions and agreement name a point: a k as its number (as they always have), any other by label."""
+    return point if isinstance(point, int) else label
 
 
 def _score_task(
@@ -425,7 +435,7 @@ def _mean_active_params(tasks: dict[str, Any], label: str) -> float | int | None
     return int(mean) if float(mean).is_integer() else mean
 
 
-def _compute(model, usage: dict, prep: _Prepared) -> dict[str, float]:
+def _compute(model, usage: dict, prep: _Prepared, columns: dict[str, list]) -> dict[str, float]:
     """What one task cost at one point: routed experts per token (measured), active parameters, and for
     generation tasks the tokens and seconds per answer (the pass's wall time over its items)."""
     layers = {int(index): mean for index, mean in usage["layers"].items() if mean is not None}
@@ -436,14 +446,13 @@ def _compute(model, usage: dict, prep: _Prepared) -> dict[str, float]:
     }
     if prep.task.kind in GENERATION_KINDS:
         cost["seconds_per_answer"] = usage["seconds"] / max(prep.count, 1)
+        cost["tokens_per_answer"] = float(np.mean(columns["answer_tokens"]))
     return cost
 
 
 def _assemble(prepared, per_k, usage, plan, latency_table, *, model, sidecar, name, settings) -> dict[str, Any]:
     seed = settings["seed"]
     ks, labels = plan.ks, list(plan.points)
-    # agreement is keyed like before for ks (ints) and by label for the other points
-    keys = {label: plan.points[label] if label in map(str, ks) else label for label in labels}
     tasks: dict[str, Any] = {}
     for prep in prepared:
         task = prep.task
@@ -475,11 +484,9 @@ def _assemble(prepared, per_k, usage, plan, latency_table, *, model, sidecar, na
             columns = per_k[label][task.name]
             entry["metrics"][label] = {m: summarise(m, columns, seed=seed) for m in names}
             entry["items"][label] = columns
-            entry["compute"][label] = _compute(model, usage[label][task.name], prep)
-            if "answer_tokens" in columns:
-                entry["compute"][label]["tokens_per_answer"] = float(np.mean(columns["answer_tokens"]))
+            entry["compute"][label] = _compute(model, usage[label][task.name], prep, columns)
         entry["agreement"] = agreement_matrix(
-            {keys[label]: per_k[label][task.name]["prediction"] for label in labels},
+            {_record_key(label, point): per_k[label][task.name]["prediction"] for label, point in plan.points.items()},
             positionwise=task.kind == "perplexity",
         )
         tasks[task.name] = entry
