@@ -10,6 +10,7 @@ import torch
 import phds
 from phds.engine import Engine, Request, SamplingParams
 from phds.engine.decode_linear import DecodeLinear
+from phds.engine.engine import COMPILE_OPTIONS
 
 PROMPTS = [[1, 5, 9, 20, 33], [1, 40, 41], [1, 7, 7, 7, 8, 9, 10, 11], [1, 60]]
 
@@ -129,6 +130,22 @@ def test_engine_runs_the_sparse_experts_and_restores_the_models_own_setting_when
     assert type(model.lm_head) is torch.nn.Linear
 
 
+def test_cpu_decode_steps_use_eager_attention_and_prefill_keeps_the_models_own():
+    model = phds.tiny_model("olmoe")
+    assert model.config._attn_implementation == "sdpa"
+    seen = []
+    model.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((kwargs["hidden_states"].shape[1], model.config._attn_implementation)),
+        with_kwargs=True,
+    )
+    out = Engine(model).generate([PROMPTS[1]], 2, SamplingParams(max_new_tokens=3))
+    assert seen == [(len(PROMPTS[1]), "sdpa"), (1, "eager"), (1, "eager")]
+    assert model.config._attn_implementation == "sdpa"
+    with phds.sparsity(model, 2):
+        expected = model.generate(torch.tensor([PROMPTS[1]]), do_sample=False, max_new_tokens=3)[0, len(PROMPTS[1]) :]
+    assert out == [expected.tolist()]
+
+
 def test_compile_compiles_only_the_decode_forward(monkeypatch):
     compiled = []
 
@@ -141,7 +158,7 @@ def test_compile_compiles_only_the_decode_forward(monkeypatch):
     engine = Engine(model, compile=True)
     out = engine.generate([PROMPTS[1]], 2, SamplingParams(max_new_tokens=4))
     assert out == Engine(model).generate([PROMPTS[1]], 2, SamplingParams(max_new_tokens=4))
-    assert compiled[0] == {"dynamic": True}
+    assert compiled[0] == {"dynamic": True, "options": COMPILE_OPTIONS}
     assert compiled[1:] == [torch.Size([1, 1])] * 3  # the 3 decode steps; the prefill ran uncompiled
 
 

@@ -6,6 +6,11 @@ gemm is no faster. The same product written as a batched matmul over a few block
 `bmm(W as (blocks, O/blocks, D), x^T)`, takes another path: 2-4x at 1-8 rows, 1.1-1.5x at 16-64
 (`benchmarks/bench_decode_linear.py`), equal up to summation order.
 
+In bfloat16 / float16 the opposite holds: torch's linear (oneDNN) is 4-5x faster than the blocked product at one
+row of a 2048 x 2048 weight (0.37 against 1.65 ms, bf16, 1 thread), so only float32
+weights take it. Under `torch.compile` the blocked product is decomposed by Inductor into a multiply-and-sum over
+the weight, which runs near bandwidth in every dtype (see the engine's `COMPILE_OPTIONS`).
+
 `linear` is that product; `decode_linears(model)` makes every `nn.Linear` of a model use it (the engine holds it
 while it decodes, as it holds the dial). More rows (prefill), autograd and other devices take `F.linear`.
 """
@@ -37,6 +42,7 @@ def linear(x_nD: torch.Tensor, weight_OD: torch.Tensor, bias_O: torch.Tensor | N
         not 1 <= rows <= MAX_ROWS
         or blocks is None
         or x_nD.device.type != "cpu"
+        or (weight_OD.dtype != torch.float32 and not torch.compiler.is_compiling())
         or not weight_OD.is_contiguous()
         or (torch.is_grad_enabled() and (x_nD.requires_grad or weight_OD.requires_grad))
     ):
