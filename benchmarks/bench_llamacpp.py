@@ -515,9 +515,10 @@ def render(results: dict, source: str) -> str:
     )
 
 
-def write_section(path: Path, text: str) -> None:
+def write_section(path: Path, text: str, markers: tuple[str, str] = MARKERS) -> None:
+    """Replace the text between `markers` in the Markdown file `path` (also used by bench_busy_neighbour.py)."""
     document = path.read_text()
-    start, end = MARKERS
+    start, end = markers
     if start not in document or end not in document:
         raise SystemExit(f"{path} has no {start} ... {end} section to rewrite")
     head, _, rest = document.partition(start)

@@ -135,7 +135,9 @@ def test_cpu_decode_steps_use_eager_attention_and_prefill_keeps_the_models_own()
     assert model.config._attn_implementation == "sdpa"
     seen = []
     model.model.layers[0].self_attn.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append((kwargs["hidden_states"].shape[1], model.config._attn_implementation)),
+        lambda module, args, kwargs: seen.append(
+            (kwargs["hidden_states"].shape[1], model.config._attn_implementation)
+        ),
         with_kwargs=True,
     )
     out = Engine(model).generate([PROMPTS[1]], 2, SamplingParams(max_new_tokens=3))

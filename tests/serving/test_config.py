@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import phds
-from phds.serving import ServeConfig
+from phds.serving import ServeConfig, Service
 from phds.serving.config import resolve_ks, served_name
 
 
@@ -41,8 +41,19 @@ def test_the_served_name_is_the_directory_name_or_the_name_as_given(checkpoint):
         ("auto_target_ms", 0.0),
         ("served_model_name", "a@b"),
         ("drain_timeout_s", -1.0),
+        ("threads", 0),
     ],
 )
 def test_bad_serve_settings_are_value_errors_naming_the_field(field, value):
     with pytest.raises(ValueError, match=f"`{field}`"):
         ServeConfig(model="tiny:olmoe", **{field: value})
+
+
+@pytest.mark.parametrize(
+    ("options", "adaptive", "threads"),
+    [({}, True, None), ({"compile": True}, False, None), ({"threads": 1}, False, 1)],
+)
+def test_a_cpu_server_follows_the_free_cores_unless_compiled_or_told_a_count(checkpoint, options, adaptive, threads):
+    policy = Service.from_config(ServeConfig(model=checkpoint, device="cpu", **options)).runner.engine.threads
+    assert policy.adaptive == adaptive
+    assert threads is None or policy.threads == threads

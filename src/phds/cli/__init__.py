@@ -41,8 +41,18 @@ def _register_commands() -> None:
 _register_commands()
 
 
+# Commands that decode on the CPU in a process of their own: they restart once with an OpenMP wait policy under which
+# a step beside a busy process does not stall (`phds.engine.threads`), unless the user set one.
+_DECODING_COMMANDS = ("serve", "bench")
+
+
 def main() -> None:
     """Entry point of the `phds` console script."""
+    command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
+    if command in _DECODING_COMMANDS:
+        from phds.engine.threads import restart_with_wait_policy
+
+        restart_with_wait_policy(sys.argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # Our commands draw their own rich progress bars; the libraries' tqdm bars would only interleave with them.
     import datasets

@@ -41,7 +41,9 @@ def bench(
     train: bool = typer.Option(False, help="Also time a training step (forward+backward) per k."),
     train_batch: int = typer.Option(4, help="Training step batch size."),
     train_seq: int = typer.Option(128, help="Training step sequence length."),
-    threads: int | None = typer.Option(None, help="torch threads (default: torch's)."),
+    threads: int | None = typer.Option(
+        None, help="torch threads (default: the usable cores less those other processes keep busy at start-up)."
+    ),
     compile: bool = typer.Option(False, help="torch.compile the engine's decode step (compiled before timing)."),
     json_out: Path | None = typer.Option(None, "--json", help="Write every figure to this JSON file."),  # noqa: B008
 ) -> None:
@@ -49,10 +51,13 @@ def bench(
     bandwidth floor and this project's performance targets."""
     from phds.bench import BenchConfig, check_targets
     from phds.bench import bench as run_bench
+    from phds.engine.threads import ThreadPolicy
 
     with user_errors():
         if json_out is not None:
             check_out_file(json_out, "--json")
+        policy = ThreadPolicy(threads, adaptive=False)
+        console.print(policy.describe(), soft_wrap=True)
         config = BenchConfig(
             model=model,
             tiny_config=None if model is not None else tiny_config,
@@ -68,7 +73,7 @@ def bench(
             train=train,
             train_batch=train_batch,
             train_seq=train_seq,
-            threads=threads,
+            threads=policy.threads,
             compile=compile,
         )
         with Progress(

@@ -32,6 +32,9 @@ def serve(
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
     device: str | None = typer.Option(None, help="Default: CUDA when present, else CPU."),
     compile: bool = typer.Option(False, help="torch.compile the engine's decode step."),
+    threads: int | None = typer.Option(
+        None, help="CPU threads per decode step (default: the usable cores less those other processes keep busy)."
+    ),
     trust_remote_code: bool = typer.Option(False, help="Allow the checkpoint's own modelling code (off by default)."),
     log_level: str = typer.Option("warning", help="uvicorn log level."),
 ) -> None:
@@ -59,6 +62,7 @@ def serve(
             dtype=dtype,
             device=device,
             compile=compile,
+            threads=threads,
             trust_remote_code=trust_remote_code,
             log_level=log_level,
         )
@@ -72,4 +76,6 @@ def serve(
         f"http://{config.host}:{config.port}/v1" + ("  (API key required)" if config.api_key else ""),
         soft_wrap=True,
     )
+    if service.runner.engine.threads is not None:
+        console.print(service.runner.engine.threads.describe(), soft_wrap=True)
     run(config, service)

@@ -26,6 +26,7 @@ from phds.engine.cache import SlotCache, attention_masks
 from phds.engine.decode_linear import decode_linears
 from phds.engine.experts import IMPLEMENTATION, apply_to_other_experts, prepare_compile, restore_other_experts
 from phds.engine.sampling import SamplingParams, choose_tokens, make_generator
+from phds.engine.threads import ThreadPolicy
 from phds.sidecar import check_k
 
 logger = logging.getLogger(__name__)
@@ -95,12 +96,22 @@ class Engine:
             experts are gathered by index inside the graph, a batch's run as one opaque op
             (`experts.prepare_compile`). CUDA graphs are not used, and compiling on CUDA is untested (no GPU in
             this project's CI).
+        threads: a `threads.ThreadPolicy` applied before every step (the CPU threads a step may use; adaptive ones
+            follow the cores other processes leave free). None: torch's thread count as it is. A compiled engine
+            needs a fixed count (each count is a graph of its own).
 
     Example: `Engine(model).generate([[1, 5, 6]], ks=2, params=SamplingParams(max_new_tokens=8))`.
     """
 
     def __init__(
-        self, model, tokenizer=None, *, max_batch_size: int = 8, max_seq_len: int | None = None, compile: bool = False
+        self,
+        model,
+        tokenizer=None,
+        *,
+        max_batch_size: int = 8,
+        max_seq_len: int | None = None,
+        compile: bool = False,
+        threads: ThreadPolicy | None = None,
     ):
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"`max_batch_size` must be an integer >= 1, got {max_batch_size!r}")
@@ -115,6 +126,11 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
         self.compile = bool(compile)
+        if threads is not None and not isinstance(threads, ThreadPolicy):
+            raise ValueError(f"`threads` must be a phds.engine.threads.ThreadPolicy or None, got {threads!r}")
+        if threads is not None and self.compile and threads.adaptive:
+            raise ValueError("a compiled engine needs a fixed thread count: ThreadPolicy(adaptive=False) or threads=N")
+        self.threads = threads
         self.device = next(model.parameters()).device
         # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name warns until 5.40).
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -201,6 +217,8 @@ class Engine:
     def step(self) -> list[TokenEvent]:
         """Free cancelled rows, admit waiting requests into free rows, and decode one token for every running row."""
         events = self._drop_cancelled()
+        if self.threads is not None:
+            self.threads.apply()
         decoding = len(self._rows)
         joining = []
         keys = [_dial_key(row.request.k) for row in self._rows]

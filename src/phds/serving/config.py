@@ -37,6 +37,8 @@ class ServeConfig:
         dtype: "auto", "float32", "bfloat16" or "float16".
         device: defaults to CUDA when present, else CPU.
         compile: let the engine `torch.compile` its decode step.
+        threads: CPU threads of a decode step; None: every usable core less those other processes keep busy,
+            re-read before each step (`phds.engine.threads.ThreadPolicy`; chosen once at start-up when compiling).
         trust_remote_code: allow the checkpoint's own modelling code (off by default).
 
     Example: `ServeConfig(model="out/olmoe-phds", k_set=[1, 2, 4], auto_target_ms=40.0)`.
@@ -60,6 +62,7 @@ class ServeConfig:
     dtype: str = "auto"
     device: str | None = None
     compile: bool = False
+    threads: int | None = None
     trust_remote_code: bool = False
     log_level: str = field(default="warning")
 
@@ -71,6 +74,10 @@ class ServeConfig:
                 ipaddress.ip_address(self.host)
             except ValueError:
                 raise ValueError(f"`host` must be an IP address or 'localhost', got {self.host!r}") from None
+        if self.threads is not None and (
+            isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
+        ):
+            raise ValueError(f"`threads` must be an integer >= 1 or None, got {self.threads!r}")
         for name in ("max_batch", "auto_queue_step"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")

@@ -140,6 +140,7 @@ class Service:
     def from_config(cls, config: ServeConfig) -> Service:
         """Load the checkpoint, resolve its ks, build the engine and its runner (not started yet)."""
         from phds.engine import Engine  # the decode engine; imported here so protocol-only users need no torch
+        from phds.engine.threads import ThreadPolicy
 
         model, tokenizer = load(
             config.model, dtype=config.dtype, device=config.device, trust_remote_code=config.trust_remote_code
@@ -151,8 +152,16 @@ class Service:
         else:
             ks, default_k = resolve_ks(model, config.k_set, config.default_k)
         max_model_len = config.max_model_len or model.config.get_text_config().max_position_embeddings
+        threads = None
+        if next(model.parameters()).device.type == "cpu":
+            threads = ThreadPolicy(config.threads, adaptive=not config.compile)
         engine = Engine(
-            model, tokenizer, max_batch_size=config.max_batch, max_seq_len=max_model_len, compile=config.compile
+            model,
+            tokenizer,
+            max_batch_size=config.max_batch,
+            max_seq_len=max_model_len,
+            compile=config.compile,
+            threads=threads,
         )
         policy = None
         if config.auto_target_ms is not None:
