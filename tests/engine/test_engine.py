@@ -9,6 +9,7 @@ import torch
 
 import phds
 from phds.engine import Engine, Request, SamplingParams
+from phds.engine import engine as engine_module
 from phds.engine.decode_linear import DecodeLinear
 from phds.engine.engine import COMPILE_OPTIONS
 
@@ -34,6 +35,15 @@ def test_greedy_mixed_k_batch_equals_transformers_generate_at_each_k(arch):
     for prompt, k, output in zip(PROMPTS, ks, outputs, strict=True):
         assert output == _hf_greedy(model, prompt, k, 10), (arch, k)
     assert phds.get_k(model) == phds.dial.k_pre(model)  # the engine leaves the model's own dial alone
+
+
+def test_a_model_with_eager_attention_decodes_as_transformers_generate_does(arch):
+    # its prefill builds no 4-D mask of its own: transformers' causal mask must place the queries at the positions
+    # before the new tokens (a prompt once saw its own future tokens here)
+    model = phds.tiny_model(arch)
+    model.set_attn_implementation("eager")
+    outputs = Engine(model).generate([PROMPTS[0]], 2, SamplingParams(max_new_tokens=6))
+    assert outputs == [_hf_greedy(model, PROMPTS[0], 2, 6)]
 
 
 def test_rows_join_and_leave_between_steps_and_cancel_frees_a_row():
@@ -130,7 +140,8 @@ def test_engine_runs_the_sparse_experts_and_restores_the_models_own_setting_when
     assert type(model.lm_head) is torch.nn.Linear
 
 
-def test_cpu_decode_steps_use_eager_attention_and_prefill_keeps_the_models_own():
+def test_short_cpu_forwards_use_eager_attention_and_long_prompts_keep_the_models_own(monkeypatch):
+    monkeypatch.setattr(engine_module, "EAGER_ATTENTION_MAX_NEW", 4)
     model = phds.tiny_model("olmoe")
     assert model.config._attn_implementation == "sdpa"
     seen = []
@@ -140,12 +151,13 @@ def test_cpu_decode_steps_use_eager_attention_and_prefill_keeps_the_models_own()
         ),
         with_kwargs=True,
     )
-    out = Engine(model).generate([PROMPTS[1]], 2, SamplingParams(max_new_tokens=3))
-    assert seen == [(len(PROMPTS[1]), "sdpa"), (1, "eager"), (1, "eager")]
+    long, short = PROMPTS[2], PROMPTS[1]  # 8 and 3 tokens
+    engine = Engine(model)
+    out = [engine.generate([prompt], 2, SamplingParams(max_new_tokens=3))[0] for prompt in (long, short)]
+    decode = [(1, "eager")] * 2
+    assert seen == [(len(long), "sdpa"), *decode, (len(short), "eager"), *decode]
     assert model.config._attn_implementation == "sdpa"
-    with phds.sparsity(model, 2):
-        expected = model.generate(torch.tensor([PROMPTS[1]]), do_sample=False, max_new_tokens=3)[0, len(PROMPTS[1]) :]
-    assert out == [expected.tolist()]
+    assert out == [_hf_greedy(model, prompt, 2, 3) for prompt in (long, short)]
 
 
 def test_compile_compiles_only_the_decode_forward(monkeypatch):

@@ -68,7 +68,9 @@ class SlotLayer(CacheLayerMixin):
         return self.cache.span, 0
 
     def get_seq_length(self) -> int:
-        return self.cache.span
+        # Positions before this forward's new tokens: transformers takes it as the queries' offset when it builds a
+        # causal mask (the new tokens' span made a prefill's mask see the whole prompt: wrong for eager attention).
+        return self.cache.span - self.cache.num_new
 
     def get_max_length(self) -> int:
         return self.cache.max_len
@@ -91,6 +93,7 @@ class SlotCache(Cache):
         self.begin_B = torch.zeros(1, dtype=torch.long)
         self.uniform_begin: int | None = 0
         self.span = 0
+        self.num_new = 0
         super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
 
     @torch.inference_mode()
@@ -109,6 +112,7 @@ class SlotCache(Cache):
         self.begin_B = torch.tensor(begin, dtype=torch.long, device=device)
         self.uniform_begin = begin[0] if len(set(begin)) == 1 else None
         self.span = end
+        self.num_new = num_new
 
     @torch.inference_mode()
     def move_row(self, source: int, target: int) -> None:

@@ -38,6 +38,8 @@ _RECOMPILE_LIMIT = 64
 # several weight streams. Realizing pointwise results of more than 5 ops and no horizontal fusion took a decode step
 # of the olmoe-1b-7b-shape benchmark model (bf16, 1 thread) from 48.7 to 31.6 ms at k=1 and 75.0 to 62.3 at k=8;
 # a threshold of 2 also realizes the experts' gathered weights (a copy of them: 296 ms at k=8).
+# Longest forward (new tokens per row) that runs with eager attention instead of SDPA on the CPU (`_attention_for`).
+EAGER_ATTENTION_MAX_NEW = 128
 COMPILE_OPTIONS = {"realize_opcount_threshold": 5, "cpp.max_horizontal_fusion_size": 1}
 
 
@@ -290,12 +292,14 @@ class Engine:
             return self._forward_with(first_row, rows, input_ids_BQ, lengths_B)
 
     def _attention_for(self, num_new: int) -> str:
-        """Eager attention for CPU decode steps where the model uses SDPA: one query per row makes the scores a
-        (B, heads, 1, S) tensor, and torch's CPU SDPA kernel cost 0.33 ms a layer of fixed overhead there (decode step
-        of the olmoe-1b-7b-shape benchmark model, bf16, 1 thread: 71.6 -> 63.4 ms eager, 31.6 -> 28.7 ms compiled).
-        Prefill keeps the model's own (SDPA's flash kernel avoids materialising long prompts' scores)."""
+        """Eager attention on the CPU where the model uses SDPA, for forwards of at most `EAGER_ATTENTION_MAX_NEW`
+        new tokens a row: torch's CPU SDPA kernel has a fixed cost per layer that dominates short queries. On the
+        olmoe-1b-7b-shape benchmark model (bf16): a decode step 71.6 -> 63.4 ms eager and 31.6 -> 28.7 ms compiled
+        (1 thread); a 64-token prefill 195 -> 164 ms (2 threads), on par at 256 tokens, and slower at 1024 (2.5-2.9
+        s against 1.9-2.0: long prompts' scores are materialised), so longer forwards keep the model's own."""
         own = self.model.config._attn_implementation
-        return "eager" if num_new == 1 and own == "sdpa" and self.device.type == "cpu" else own
+        short = num_new <= EAGER_ATTENTION_MAX_NEW
+        return "eager" if short and own == "sdpa" and self.device.type == "cpu" else own
 
     def _forward_with(self, first_row: int, rows: list[_Row], input_ids_BQ: torch.Tensor, lengths_B: list[int]):
         num_new = input_ids_BQ.shape[1]
