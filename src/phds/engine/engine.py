@@ -38,9 +38,9 @@ _RECOMPILE_LIMIT = 64
 # several weight streams. Realizing pointwise results of more than 5 ops and no horizontal fusion took a decode step
 # of the olmoe-1b-7b-shape benchmark model (bf16, 1 thread) from 48.7 to 31.6 ms at k=1 and 75.0 to 62.3 at k=8;
 # a threshold of 2 also realizes the experts' gathered weights (a copy of them: 296 ms at k=8).
+COMPILE_OPTIONS = {"realize_opcount_threshold": 5, "cpp.max_horizontal_fusion_size": 1}
 # Longest forward (new tokens per row) that runs with eager attention instead of SDPA on the CPU (`_attention_for`).
 EAGER_ATTENTION_MAX_NEW = 128
-COMPILE_OPTIONS = {"realize_opcount_threshold": 5, "cpp.max_horizontal_fusion_size": 1}
 
 
 @dataclass(kw_only=True)
@@ -448,7 +448,6 @@ def _can_share(keys: list | tuple) -> bool:
 @contextlib.contextmanager
 def _experts_implementation(model, name: str):
     """Run with transformers' experts implementation `name` (the sparse "phds" path), restoring the model's own."""
-    saved = model.config._experts_implementation
     if not model._can_set_experts_implementation():
         # Llama 4's dense experts compute only routed rows while the engine runs (a model loaded that way stays so)
         already = {id(module) for module in model.modules() if "forward" in module.__dict__}
@@ -458,29 +457,27 @@ def _experts_implementation(model, name: str):
         finally:
             restore_other_experts(model, keep=already)
         return
-    if saved == name:
+    with _switched(model.config._experts_implementation, model.set_experts_implementation, name):
         yield
-        return
-    model.set_experts_implementation(name)
-    try:
-        yield
-    finally:
-        model.set_experts_implementation(saved)
 
 
-@contextlib.contextmanager
 def _attention_implementation(model, name: str):
     """Run with transformers' attention implementation `name`, restoring the model's own (a cheap switch: it sets
     the configs' attribute)."""
-    saved = model.config._attn_implementation
+    return _switched(model.config._attn_implementation, model.set_attn_implementation, name)
+
+
+@contextlib.contextmanager
+def _switched(saved: str, switch, name: str):
+    """Within the block, `switch(name)` is in effect; `switch(saved)` restores it (nothing is switched when equal)."""
     if saved == name:
         yield
         return
-    model.set_attn_implementation(name)
+    switch(name)
     try:
         yield
     finally:
-        model.set_attn_implementation(saved)
+        switch(saved)
 
 
 def _eos_ids(model, tokenizer) -> frozenset[int]:
